@@ -1,0 +1,50 @@
+/** Shared test helpers: fixture paths, reference tensors, tolerance checks. */
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { expect } from "vitest";
+import { readSafetensorsHeader, readTensorF32, readTensorInts, type TensorInfo } from "../src/io/safetensors.js";
+
+export const FIXTURES = path.join(path.dirname(fileURLToPath(import.meta.url)), "fixtures");
+export const fixture = (...parts: string[]) => path.join(FIXTURES, ...parts);
+
+export interface RefTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+/** All tensors of a reference safetensors file, floats as float32, ints converted too. */
+export function loadReference(file: string): Map<string, RefTensor> {
+  const { tensors } = readSafetensorsHeader(file);
+  const out = new Map<string, RefTensor>();
+  for (const [name, info] of tensors) out.set(name, { shape: info.shape, data: asF32(info) });
+  return out;
+}
+
+function asF32(info: TensorInfo): Float32Array {
+  if (info.dtype.startsWith("F") || info.dtype === "BF16") return readTensorF32(info);
+  return Float32Array.from(readTensorInts(info));
+}
+
+export function maxAbs(a: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]!));
+  return m;
+}
+
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  expect(a.length).toBe(b.length);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i]! - b[i]!);
+    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
+  }
+  return m;
+}
+
+/** The issue's tolerance: max |diff| <= tol * max(1, max |ref|), shapes equal. */
+export function expectClose(name: string, actual: { shape: readonly number[]; data: ArrayLike<number> }, ref: RefTensor, tol = 1e-4): void {
+  expect(actual.shape, `${name} shape`).toEqual(ref.shape);
+  const diff = maxAbsDiff(actual.data, ref.data);
+  const bound = tol * Math.max(1, maxAbs(ref.data));
+  expect(diff, `${name}: max |diff| ${diff} > ${bound}`).toBeLessThanOrEqual(bound);
+}
