@@ -1,0 +1,113 @@
+/**
+ * A Hugging Face checkpoint folder: `config.json`, weights in `model.safetensors` or in shards listed
+ * by `model.safetensors.index.json`, and the processor/tokenizer/generation files beside them.
+ * Only safetensors headers are read here; tensor bytes stay in their files.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { parseBlip2Config, type Blip2Config } from "../config.js";
+import { Blip2Error } from "../errors.js";
+import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
+
+export class Checkpoint {
+  private constructor(
+    readonly dir: string,
+    readonly config: Blip2Config,
+    private readonly tensors: Map<string, TensorInfo>,
+  ) {}
+
+  static open(dir: string): Checkpoint {
+    const abs = path.resolve(dir);
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(abs);
+    } catch {
+      throw new Blip2Error(`${dir}: model folder not found`);
+    }
+    if (!stat.isDirectory()) throw new Blip2Error(`${dir}: not a folder (expected a Hugging Face checkpoint folder with config.json)`);
+    const configFile = path.join(abs, "config.json");
+    const json = readJsonFile(configFile);
+    if (json === undefined) throw new Blip2Error(`${configFile}: missing (a BLIP-2 checkpoint folder needs config.json)`);
+    const config = parseBlip2Config(json, configFile);
+    return new Checkpoint(abs, config, loadWeights(abs));
+  }
+
+  /** Absolute path of a file in the checkpoint folder. */
+  file(name: string): string {
+    return path.join(this.dir, name);
+  }
+
+  /** A JSON file of the checkpoint, or undefined when absent. */
+  json(name: string): unknown | undefined {
+    return readJsonFile(this.file(name));
+  }
+
+  has(name: string): boolean {
+    return this.tensors.has(name);
+  }
+
+  names(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  /** A tensor that must exist, with the shape the config implies. */
+  tensor(name: string, shape?: readonly number[]): TensorInfo {
+    const info = this.tensors.get(name);
+    if (!info) throw new Blip2Error(`${this.dir}: the weights have no tensor ${name}, which this config needs`);
+    if (shape && (shape.length !== info.shape.length || shape.some((d, i) => d !== info.shape[i]))) {
+      throw new Blip2Error(
+        `${path.basename(info.file)}: tensor ${name} has shape [${info.shape.join(", ")}] but config.json implies [${shape.join(", ")}]`,
+      );
+    }
+    return info;
+  }
+}
+
+export function readJsonFile(file: string): unknown | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw new Blip2Error(`${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? err})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new Blip2Error(`${file}: invalid JSON (${(err as Error).message})`);
+  }
+}
+
+function loadWeights(dir: string): Map<string, TensorInfo> {
+  const single = path.join(dir, "model.safetensors");
+  const indexFile = path.join(dir, "model.safetensors.index.json");
+  if (fs.existsSync(indexFile)) return loadSharded(dir, indexFile);
+  if (fs.existsSync(single)) return readSafetensorsHeader(single).tensors;
+  const legacy = ["pytorch_model.bin", "pytorch_model.bin.index.json"].filter((f) => fs.existsSync(path.join(dir, f)));
+  const hint = legacy.length ? ` (found ${legacy.join(", ")}: PyTorch pickles are not supported, convert to safetensors)` : "";
+  throw new Blip2Error(`${dir}: no model.safetensors or model.safetensors.index.json${hint}`);
+}
+
+function loadSharded(dir: string, indexFile: string): Map<string, TensorInfo> {
+  const index = readJsonFile(indexFile) as { weight_map?: unknown };
+  const map = index?.weight_map;
+  if (!map || typeof map !== "object" || Array.isArray(map)) throw new Blip2Error(`${indexFile}: missing weight_map`);
+  const shards = new Map<string, Map<string, TensorInfo>>();
+  const tensors = new Map<string, TensorInfo>();
+  for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {
+    if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
+      throw new Blip2Error(`${indexFile}: weight_map entry for ${name} is ${JSON.stringify(shard)}, expected a shard file name`);
+    }
+    let header = shards.get(shard);
+    if (!header) {
+      const file = path.join(dir, shard);
+      if (!fs.existsSync(file)) throw new Blip2Error(`${indexFile}: lists shard ${shard}, which is missing from ${dir}`);
+      header = readSafetensorsHeader(file).tensors;
+      shards.set(shard, header);
+    }
+    const info = header.get(name);
+    if (!info) throw new Blip2Error(`${path.join(dir, shard)}: has no tensor ${name}, though ${path.basename(indexFile)} says it does`);
+    tensors.set(name, info);
+  }
+  return tensors;
+}

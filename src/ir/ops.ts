@@ -1,0 +1,280 @@
+/**
+ * One builder function per ONNX op. Each checks what it can at build time (dtypes, ranks, known
+ * dimensions) and computes the output's shape, symbolic where the input is symbolic.
+ */
+import { Blip2Error } from "../errors.js";
+import { attr, isFloat, onnxDataType, type Attr, type DType, type Dim, type Shape, type Value } from "./graph.js";
+
+function fail(op: string, message: string): never {
+  throw new Blip2Error(`graph build: ${op}: ${message}`);
+}
+
+const fmt = (s: Shape) => `[${s.join(", ")}]`;
+
+function node(op: string, inputs: (Value | null)[], attrs: Record<string, Attr>, dtype: DType, shape: Shape, domain = ""): Value {
+  const g = inputs.find((v): v is Value => v !== null)!.graph;
+  return g.addNode(op, inputs, attrs, [{ dtype, shape }], domain)[0]!;
+}
+
+let freshSymbol = 0;
+/** A new symbolic dimension for results whose size only the runtime knows. */
+const unknownDim = (hint: string): Dim => `${hint}?${++freshSymbol}`;
+
+function sameDtype(op: string, a: Value, b: Value): void {
+  if (a.dtype !== b.dtype) fail(op, `dtypes differ: ${a.name} is ${a.dtype}, ${b.name} is ${b.dtype}`);
+}
+
+/** Numpy-style broadcasting of two shapes; fails on two different known sizes. */
+export function broadcastShapes(op: string, a: Shape, b: Shape): Dim[] {
+  const n = Math.max(a.length, b.length);
+  const out: Dim[] = [];
+  for (let i = 0; i < n; i++) {
+    const da = a[a.length - n + i] ?? 1;
+    const db = b[b.length - n + i] ?? 1;
+    if (da === db || db === 1) out.push(da);
+    else if (da === 1) out.push(db);
+    else if (typeof da === "number" && typeof db === "number") fail(op, `cannot broadcast ${fmt(a)} with ${fmt(b)}`);
+    else out.push(typeof da === "number" ? da : db);
+  }
+  return out;
+}
+
+function binary(op: string, a: Value, b: Value, outDtype?: DType): Value {
+  sameDtype(op, a, b);
+  return node(op, [a, b], {}, outDtype ?? a.dtype, broadcastShapes(op, a.shape, b.shape));
+}
+
+export const add = (a: Value, b: Value) => binary("Add", a, b);
+export const sub = (a: Value, b: Value) => binary("Sub", a, b);
+export const mul = (a: Value, b: Value) => binary("Mul", a, b);
+export const div = (a: Value, b: Value) => binary("Div", a, b);
+export const pow = (a: Value, b: Value) => binary("Pow", a, b);
+export const max = (a: Value, b: Value) => binary("Max", a, b);
+export const min = (a: Value, b: Value) => binary("Min", a, b);
+export const equal = (a: Value, b: Value) => binary("Equal", a, b, "bool");
+export const less = (a: Value, b: Value) => binary("Less", a, b, "bool");
+export const and = (a: Value, b: Value) => binary("And", a, b, "bool");
+
+function unary(op: string, x: Value, floatOnly = true): Value {
+  if (floatOnly && !isFloat(x.dtype)) fail(op, `expects a float tensor, got ${x.dtype}`);
+  return node(op, [x], {}, x.dtype, x.shape);
+}
+
+export const neg = (x: Value) => unary("Neg", x, false);
+export const sqrt = (x: Value) => unary("Sqrt", x);
+export const exp = (x: Value) => unary("Exp", x);
+export const log = (x: Value) => unary("Log", x);
+export const tanh = (x: Value) => unary("Tanh", x);
+export const erf = (x: Value) => unary("Erf", x);
+export const relu = (x: Value) => unary("Relu", x);
+export const sigmoid = (x: Value) => unary("Sigmoid", x);
+export const abs = (x: Value) => unary("Abs", x, false);
+export const identity = (x: Value) => unary("Identity", x, false);
+
+export function not(x: Value): Value {
+  if (x.dtype !== "bool") fail("Not", `expects bool, got ${x.dtype}`);
+  return node("Not", [x], {}, "bool", x.shape);
+}
+
+/** GELU: exact (erf) or the tanh approximation ("gelu_new"). */
+export function gelu(x: Value, approximate: "none" | "tanh" = "none"): Value {
+  if (!isFloat(x.dtype)) fail("Gelu", `expects a float tensor, got ${x.dtype}`);
+  return node("Gelu", [x], { approximate: attr.string(approximate) }, x.dtype, x.shape);
+}
+
+export function cast(x: Value, to: DType): Value {
+  if (x.dtype === to) return x;
+  return node("Cast", [x], { to: attr.int(onnxDataType(to)) }, to, x.shape);
+}
+
+export function where(cond: Value, a: Value, b: Value): Value {
+  if (cond.dtype !== "bool") fail("Where", `condition must be bool, got ${cond.dtype}`);
+  sameDtype("Where", a, b);
+  return node("Where", [cond, a, b], {}, a.dtype, broadcastShapes("Where", cond.shape, broadcastShapes("Where", a.shape, b.shape)));
+}
+
+/** Batched matrix product with numpy broadcasting of the leading dimensions. */
+export function matmul(a: Value, b: Value): Value {
+  sameDtype("MatMul", a, b);
+  if (a.rank < 2 || b.rank < 2) fail("MatMul", `needs rank >= 2, got ${fmt(a.shape)} x ${fmt(b.shape)}`);
+  const k1 = a.dim(-1);
+  const k2 = b.dim(-2);
+  if (typeof k1 === "number" && typeof k2 === "number" && k1 !== k2) {
+    fail("MatMul", `inner dimensions differ: ${a.name} ${fmt(a.shape)} x ${b.name} ${fmt(b.shape)}`);
+  }
+  const batch = broadcastShapes("MatMul", a.shape.slice(0, -2), b.shape.slice(0, -2));
+  return node("MatMul", [a, b], {}, a.dtype, [...batch, a.dim(-2), b.dim(-1)]);
+}
+
+/**
+ * `x @ weight^T + bias` for a weight stored as [out, in] (PyTorch's nn.Linear layout). Gemm reads
+ * the weight transposed in place, so no transposed copy of the checkpoint tensor is ever made.
+ */
+export function linear(x: Value, weight: Value, bias: Value | null): Value {
+  if (weight.rank !== 2) fail("linear", `weight ${weight.name} must be 2-D, got ${fmt(weight.shape)}`);
+  const [outF, inF] = weight.shape as [Dim, Dim];
+  const k = x.dim(-1);
+  if (typeof k === "number" && typeof inF === "number" && k !== inF) {
+    fail("linear", `input ${x.name} ${fmt(x.shape)} has ${k} features but weight ${weight.name} is ${fmt(weight.shape)}`);
+  }
+  if (bias && (bias.rank !== 1 || (typeof bias.shape[0] === "number" && bias.shape[0] !== outF))) {
+    fail("linear", `bias ${bias.name} ${fmt(bias.shape)} does not match weight ${weight.name} ${fmt(weight.shape)}`);
+  }
+  const gemm = (a: Value) => node("Gemm", bias ? [a, weight, bias] : [a, weight], { transB: attr.int(1) }, x.dtype, [a.dim(0), outF]);
+  if (x.rank === 2) return gemm(x);
+  const flat = reshape(x, [-1, inF as number]);
+  const lead = x.shape.slice(0, -1);
+  return reshapeTo(gemm(flat), concat([slice(shapeOf(x), [0], [x.rank - 1], [0]), x.graph.ints([outF as number])], 0), [...lead, outF]);
+}
+
+export function softmax(x: Value, axis = -1): Value {
+  return node("Softmax", [x], { axis: attr.int(axis) }, x.dtype, x.shape);
+}
+
+/** LayerNormalization over the last axis. */
+export function layerNorm(x: Value, scale: Value, bias: Value | null, epsilon: number): Value {
+  const d = x.dim(-1);
+  for (const p of bias ? [scale, bias] : [scale]) {
+    if (p.rank !== 1 || (typeof d === "number" && p.shape[0] !== d)) fail("LayerNormalization", `parameter ${p.name} ${fmt(p.shape)} does not match input ${fmt(x.shape)}`);
+  }
+  return node("LayerNormalization", bias ? [x, scale, bias] : [x, scale], { axis: attr.int(-1), epsilon: attr.float(epsilon) }, x.dtype, x.shape);
+}
+
+function reduce(op: string, x: Value, axes: number[], keepdims: boolean): Value {
+  const norm = axes.map((a) => (a < 0 ? x.rank + a : a));
+  const shape = x.shape.flatMap((d, i) => (norm.includes(i) ? (keepdims ? [1] : []) : [d]));
+  return node(op, [x, x.graph.ints(axes)], { keepdims: attr.int(keepdims ? 1 : 0) }, x.dtype, shape);
+}
+
+export const reduceMean = (x: Value, axes: number[], keepdims = true) => reduce("ReduceMean", x, axes, keepdims);
+export const reduceSum = (x: Value, axes: number[], keepdims = true) => reduce("ReduceSum", x, axes, keepdims);
+export const reduceMax = (x: Value, axes: number[], keepdims = true) => reduce("ReduceMax", x, axes, keepdims);
+
+/** Reshape with ONNX semantics for constant targets: 0 copies the input dimension, -1 is inferred. */
+export function reshape(x: Value, dims: number[]): Value {
+  const known = x.shape.every((d) => typeof d === "number");
+  const out: Dim[] = dims.map((d, i) => (d === 0 ? x.dim(i) : d));
+  const inferAt = out.indexOf(-1);
+  if (inferAt >= 0) {
+    if (known) {
+      const total = (x.shape as number[]).reduce((a, b) => a * b, 1);
+      const rest = (out.filter((d, i) => i !== inferAt) as number[]).reduce((a, b) => a * (typeof b === "number" ? b : NaN), 1);
+      out[inferAt] = Number.isNaN(rest) ? unknownDim("reshape") : total / rest;
+    } else {
+      // Dimensions of the input that reappear unchanged are copied; the rest is one unknown.
+      out[inferAt] = unknownDim("reshape");
+    }
+  }
+  if (known && out.every((d) => typeof d === "number")) {
+    const a = (x.shape as number[]).reduce((p, q) => p * q, 1);
+    const b = (out as number[]).reduce((p, q) => p * q, 1);
+    if (a !== b) fail("Reshape", `cannot reshape ${x.name} ${fmt(x.shape)} to ${fmt(dims)}`);
+  }
+  return node("Reshape", [x, x.graph.ints(dims)], {}, x.dtype, out);
+}
+
+/** Reshape to a runtime shape tensor; `shape` is what the caller knows of the result. */
+export function reshapeTo(x: Value, target: Value, shape: Shape): Value {
+  if (target.dtype !== "int64" || target.rank !== 1) fail("Reshape", `target shape must be a 1-D int64 tensor, got ${target.dtype} ${fmt(target.shape)}`);
+  return node("Reshape", [x, target], {}, x.dtype, shape);
+}
+
+export function transpose(x: Value, perm: number[]): Value {
+  if (perm.length !== x.rank) fail("Transpose", `permutation ${fmt(perm)} does not fit ${x.name} ${fmt(x.shape)}`);
+  return node("Transpose", [x], { perm: attr.ints(perm) }, x.dtype, perm.map((p) => x.dim(p)));
+}
+
+export function concat(values: Value[], axis: number): Value {
+  const first = values[0];
+  if (!first) fail("Concat", "needs at least one input");
+  const ax = axis < 0 ? first.rank + axis : axis;
+  let total: Dim = 0;
+  for (const v of values) {
+    sameDtype("Concat", first, v);
+    if (v.rank !== first.rank) fail("Concat", `ranks differ: ${fmt(first.shape)} and ${fmt(v.shape)}`);
+    v.shape.forEach((d, i) => {
+      const f = first.shape[i]!;
+      if (i !== ax && typeof d === "number" && typeof f === "number" && d !== f) fail("Concat", `shapes ${fmt(first.shape)} and ${fmt(v.shape)} differ off axis ${axis}`);
+    });
+    const d = v.dim(ax);
+    total = typeof total === "number" && typeof d === "number" ? total + d : `${total}+${d}`;
+  }
+  const shape = first.shape.map((d, i) => (i === ax ? total : d));
+  return node("Concat", values, { axis: attr.int(axis) }, first.dtype, shape);
+}
+
+/** Slice with constant bounds (ONNX clamps ends past the dimension). */
+export function slice(x: Value, starts: number[], ends: number[], axes: number[]): Value {
+  const shape = [...x.shape];
+  axes.forEach((axis, i) => {
+    const a = axis < 0 ? x.rank + axis : axis;
+    const d = shape[a]!;
+    const s = starts[i]!;
+    const e = ends[i]!;
+    if (typeof d === "number") {
+      const lo = Math.min(Math.max(s < 0 ? d + s : s, 0), d);
+      const hi = Math.min(Math.max(e < 0 ? d + e : e, 0), d);
+      shape[a] = Math.max(hi - lo, 0);
+    } else {
+      shape[a] = s >= 0 && e >= 0 && e < 2 ** 40 ? e - s : unknownDim("slice");
+    }
+  });
+  const g = x.graph;
+  return node("Slice", [x, g.ints(starts), g.ints(ends), g.ints(axes)], {}, x.dtype, shape);
+}
+
+/** Slice with runtime bounds (1-D int64 tensors). */
+export function sliceDynamic(x: Value, starts: Value, ends: Value, axes: number[], shape: Shape): Value {
+  return node("Slice", [x, starts, ends, x.graph.ints(axes)], {}, x.dtype, shape);
+}
+
+export function gather(data: Value, indices: Value, axis = 0): Value {
+  if (indices.dtype !== "int64" && indices.dtype !== "int32") fail("Gather", `indices must be int64/int32, got ${indices.dtype}`);
+  const a = axis < 0 ? data.rank + axis : axis;
+  const shape = [...data.shape.slice(0, a), ...indices.shape, ...data.shape.slice(a + 1)];
+  return node("Gather", [data, indices], { axis: attr.int(axis) }, data.dtype, shape);
+}
+
+export function unsqueeze(x: Value, axes: number[]): Value {
+  const rank = x.rank + axes.length;
+  const norm = axes.map((a) => (a < 0 ? rank + a : a));
+  const shape: Dim[] = [];
+  let j = 0;
+  for (let i = 0; i < rank; i++) shape.push(norm.includes(i) ? 1 : x.shape[j++]!);
+  return node("Unsqueeze", [x, x.graph.ints(axes)], {}, x.dtype, shape);
+}
+
+export function squeeze(x: Value, axes: number[]): Value {
+  const norm = axes.map((a) => (a < 0 ? x.rank + a : a));
+  for (const a of norm) if (x.shape[a] !== 1 && typeof x.shape[a] === "number") fail("Squeeze", `axis ${a} of ${fmt(x.shape)} is not 1`);
+  return node("Squeeze", [x, x.graph.ints(axes)], {}, x.dtype, x.shape.filter((_, i) => !norm.includes(i)));
+}
+
+/** Broadcast `x` to a runtime shape; `shape` is what the caller knows of the result. */
+export function expand(x: Value, target: Value, shape: Shape): Value {
+  broadcastShapes("Expand", x.shape, shape);
+  return node("Expand", [x, target], {}, x.dtype, shape);
+}
+
+export function shapeOf(x: Value): Value {
+  return node("Shape", [x], {}, "int64", [x.rank]);
+}
+
+export function cumsum(x: Value, axis: number): Value {
+  return node("CumSum", [x, x.graph.scalar(axis, "int64")], {}, x.dtype, x.shape);
+}
+
+/** Inclusive integer range [start, limit) with step 1, all scalars of the same dtype. */
+export function range(start: Value, limit: Value, delta: Value, length: Dim): Value {
+  return node("Range", [start, limit, delta], {}, start.dtype, [length]);
+}
+
+/** 2-D convolution with a square kernel, stride = `stride`, no padding (the ViT patch embedding). */
+export function conv(x: Value, weight: Value, bias: Value | null, stride: number): Value {
+  if (x.rank !== 4 || weight.rank !== 4) fail("Conv", `expects 4-D input and weight, got ${fmt(x.shape)} and ${fmt(weight.shape)}`);
+  const [outC, inC, kh, kw] = weight.shape as number[];
+  if (typeof x.dim(1) === "number" && x.dim(1) !== inC) fail("Conv", `input ${fmt(x.shape)} has ${x.dim(1)} channels, weight ${weight.name} expects ${inC}`);
+  const out = (d: Dim, k: number): Dim => (typeof d === "number" ? Math.floor((d - k) / stride) + 1 : unknownDim("conv"));
+  const attrs = { kernel_shape: attr.ints([kh!, kw!]), strides: attr.ints([stride, stride]) };
+  return node("Conv", bias ? [x, weight, bias] : [x, weight], attrs, x.dtype, [x.dim(0), outC!, out(x.dim(2), kh!), out(x.dim(3), kw!)]);
+}

@@ -1,0 +1,122 @@
+/**
+ * Building blocks shared by the model parts: checkpoint parameters under a name prefix, linear and
+ * norm layers, activations, and multi-head attention.
+ */
+import { Blip2Error } from "../errors.js";
+import type { Checkpoint } from "../io/checkpoint.js";
+import type { Dim, Graph, Value } from "../ir/graph.js";
+import * as op from "../ir/ops.js";
+
+/** Checkpoint tensors under a name prefix, turned into graph values with their expected shapes. */
+export class Params {
+  constructor(
+    readonly graph: Graph,
+    readonly checkpoint: Checkpoint,
+    readonly prefix = "",
+  ) {}
+
+  at(sub: string | number): Params {
+    return new Params(this.graph, this.checkpoint, `${this.prefix}${sub}.`);
+  }
+
+  name(name: string): string {
+    return this.prefix + name;
+  }
+
+  get(name: string, shape: readonly number[]): Value {
+    return this.graph.weight(this.checkpoint.tensor(this.prefix + name, shape));
+  }
+
+  has(name: string): boolean {
+    return this.checkpoint.has(this.prefix + name);
+  }
+}
+
+/** nn.Linear: weight [out, in], optional bias [out]. */
+export function linearLayer(p: Params, x: Value, inFeatures: number, outFeatures: number, bias = true): Value {
+  return op.linear(x, p.get("weight", [outFeatures, inFeatures]), bias ? p.get("bias", [outFeatures]) : null);
+}
+
+export function layerNormLayer(p: Params, x: Value, dim: number, eps: number, affine = true): Value {
+  if (!affine) {
+    const g = x.graph;
+    return op.layerNorm(x, g.constant(new Float32Array(dim).fill(1), "float32", [dim]), null, eps);
+  }
+  return op.layerNorm(x, p.get("weight", [dim]), p.get("bias", [dim]), eps);
+}
+
+/** T5's RMS norm: no mean subtraction, no bias. */
+export function rmsNorm(p: Params, x: Value, dim: number, eps: number): Value {
+  const g = x.graph;
+  const variance = op.reduceMean(op.mul(x, x), [-1]);
+  const inv = op.div(g.scalar(1), op.sqrt(op.add(variance, g.scalar(eps))));
+  return op.mul(p.get("weight", [dim]), op.mul(x, inv));
+}
+
+/** The activations transformers names in configs (ACT2FN). */
+export function activation(x: Value, name: string): Value {
+  switch (name) {
+    case "relu":
+      return op.relu(x);
+    case "gelu":
+      return op.gelu(x, "none");
+    case "gelu_new":
+    case "gelu_pytorch_tanh":
+    case "gelu_fast":
+      return op.gelu(x, "tanh");
+    case "silu":
+    case "swish":
+      return op.mul(x, op.sigmoid(x));
+    case "quick_gelu":
+      return op.mul(x, op.sigmoid(op.mul(x, x.graph.scalar(1.702))));
+    case "tanh":
+      return op.tanh(x);
+    default:
+      throw new Blip2Error(`config.json: activation ${JSON.stringify(name)} is not supported (relu, gelu, gelu_new, silu, quick_gelu, tanh)`);
+  }
+}
+
+/** [B, S, H*Dh] -> [B, H, S, Dh] */
+export function splitHeads(x: Value, heads: number): Value {
+  const dim = x.dim(-1);
+  if (typeof dim !== "number" || dim % heads !== 0) throw new Blip2Error(`graph build: cannot split ${dim} features into ${heads} heads`);
+  return op.transpose(op.reshape(x, [0, 0, heads, dim / heads]), [0, 2, 1, 3]);
+}
+
+/** [B, H, S, Dh] -> [B, S, H*Dh] */
+export function mergeHeads(x: Value): Value {
+  const h = x.dim(1);
+  const dh = x.dim(3);
+  return op.reshape(op.transpose(x, [0, 2, 1, 3]), [0, 0, (h as number) * (dh as number)]);
+}
+
+/**
+ * softmax(q k^T * scale + bias) v over [B, H, S, Dh] tensors. `bias` is an additive mask and/or
+ * position bias broadcastable to [B, H, S, T].
+ */
+export function attend(q: Value, k: Value, v: Value, scale: number | null, bias: Value | null): Value {
+  let scores = op.matmul(q, op.transpose(k, [0, 1, 3, 2]));
+  if (scale !== null) scores = op.mul(scores, q.graph.scalar(scale));
+  if (bias) scores = op.add(scores, bias);
+  return op.matmul(op.softmax(scores, -1), v);
+}
+
+/**
+ * Turn a [B, T] 0/1 attention mask into an additive [B, 1, 1, T] bias: 0 where attended, `negative`
+ * where masked (transformers uses -10000 in the Q-Former and the dtype's minimum elsewhere).
+ */
+export function paddingBias(mask: Value, negative: number): Value {
+  const g = mask.graph;
+  const m = op.cast(op.unsqueeze(mask, [1, 2]), "float32");
+  return op.mul(op.sub(g.scalar(1), m), g.scalar(negative));
+}
+
+export const FLOAT32_MIN = -3.4028234663852886e38;
+
+/** Expand a [1, N, D] parameter to the batch size of `like` ([B, ...]). */
+export function expandToBatch(param: Value, like: Value): Value {
+  const g = param.graph;
+  const batch = op.slice(op.shapeOf(like), [0], [1], [0]);
+  const rest = g.ints(param.shape.slice(1) as number[]);
+  return op.expand(param, op.concat([batch, rest], 0), [like.dim(0), ...param.shape.slice(1)] as Dim[]);
+}

@@ -1,0 +1,132 @@
+/**
+ * OPT, the decoder-only language model: learned positions (offset 2, counted from the attention
+ * mask), pre-LN blocks with ReLU feed-forward, a final LayerNorm, and the head tied to the token
+ * embeddings. The decoder graph takes `inputs_embeds` (so BLIP-2 can place the projected queries)
+ * and a key/value cache: past keys/values in, present keys/values out.
+ */
+import type { OptConfig } from "../config.js";
+import type { Graph, Value } from "../ir/graph.js";
+import * as op from "../ir/ops.js";
+import { activation, attend, FLOAT32_MIN, layerNormLayer, linearLayer, mergeHeads, Params, splitHeads } from "./layers.js";
+
+const POSITION_OFFSET = 2;
+const LAYER_NORM_EPS = 1e-5;
+
+export interface KeyValue {
+  key: Value;
+  value: Value;
+}
+
+export interface OptDecoderOutputs {
+  logits: Value;
+  present: KeyValue[];
+  /** Embeddings + positions, each layer's output, and the final normalized output. */
+  hiddenStates: Value[];
+}
+
+/** Token ids -> word embeddings ([B, S] int64 -> [B, S, word_embed_proj_dim]). */
+export function optEmbedTokens(p: Params, cfg: OptConfig, inputIds: Value): Value {
+  return op.gather(p.get("embed_tokens.weight", [cfg.vocabSize, cfg.wordEmbedProjDim]), inputIds);
+}
+
+/**
+ * @param p            parameters under `language_model.model.decoder.`
+ * @param head         parameters under `language_model.` (for an untied `lm_head`)
+ * @param inputsEmbeds [B, S, word_embed_proj_dim]
+ * @param attentionMask [B, P + S] int64 over the cached and the new positions
+ * @param past         per layer [B, H, P, Dh]
+ */
+export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds: Value, attentionMask: Value, past: KeyValue[]): OptDecoderOutputs {
+  const d = cfg.hiddenSize;
+  let x = inputsEmbeds;
+  if (cfg.wordEmbedProjDim !== d) x = linearLayer(p.at("project_in"), x, cfg.wordEmbedProjDim, d, false);
+  x = op.add(x, positionEmbeddings(p, cfg, attentionMask, inputsEmbeds));
+  const bias = causalBias(attentionMask, inputsEmbeds);
+  const hiddenStates = [x];
+  const present: KeyValue[] = [];
+  for (let i = 0; i < cfg.numHiddenLayers; i++) {
+    const out = decoderLayer(p.at("layers").at(i), cfg, x, bias, past[i] ?? null);
+    x = out.x;
+    present.push(out.present);
+    hiddenStates.push(x);
+  }
+  if (cfg.doLayerNormBefore && !cfg.removeFinalLayerNorm) {
+    x = layerNorm(p.at("final_layer_norm"), cfg, x);
+    hiddenStates[hiddenStates.length - 1] = x;
+  }
+  if (cfg.wordEmbedProjDim !== d) x = linearLayer(p.at("project_out"), x, d, cfg.wordEmbedProjDim, false);
+  const headWeight = head.has("lm_head.weight") ? head.get("lm_head.weight", [cfg.vocabSize, cfg.wordEmbedProjDim]) : p.get("embed_tokens.weight", [cfg.vocabSize, cfg.wordEmbedProjDim]);
+  return { logits: op.linear(x, headWeight, null), present, hiddenStates };
+}
+
+/** Learned positions from the mask: cumsum(mask) * mask - 1 for the new positions, plus 2. */
+function positionEmbeddings(p: Params, cfg: OptConfig, attentionMask: Value, inputsEmbeds: Value): Value {
+  const g = attentionMask.graph;
+  const positions = op.sub(op.mul(op.cumsum(attentionMask, 1), attentionMask), g.scalar(1, "int64"));
+  const newLength = op.slice(op.shapeOf(inputsEmbeds), [1], [2], [0]);
+  const last = op.sliceDynamic(positions, op.neg(newLength), g.ints([2 ** 62]), [1], [inputsEmbeds.dim(0), inputsEmbeds.dim(1)]);
+  const table = p.get("embed_positions.weight", [cfg.maxPositionEmbeddings + POSITION_OFFSET, cfg.hiddenSize]);
+  return op.gather(table, op.add(last, g.scalar(POSITION_OFFSET, "int64")));
+}
+
+/**
+ * Additive [B, 1, S, T] bias: new position i (absolute P + i) sees key j when j <= P + i and the
+ * key is not padding. Masked entries get float32's minimum, as transformers does.
+ */
+export function causalBias(attentionMask: Value, inputsEmbeds: Value): Value {
+  const g = attentionMask.graph;
+  const one = g.scalar(1, "int64");
+  const total = op.squeeze(op.slice(op.shapeOf(attentionMask), [1], [2], [0]), [0]);
+  const newLength = op.squeeze(op.slice(op.shapeOf(inputsEmbeds), [1], [2], [0]), [0]);
+  const queryPos = op.unsqueeze(op.range(op.sub(total, newLength), total, one, inputsEmbeds.dim(1)), [1]);
+  const keyPos = op.unsqueeze(op.range(g.scalar(0, "int64"), total, one, attentionMask.dim(1)), [0]);
+  const causal = op.not(op.less(queryPos, keyPos));
+  const notPad = op.equal(op.unsqueeze(attentionMask, [1, 2]), one);
+  return op.where(op.and(causal, notPad), g.scalar(0), g.scalar(FLOAT32_MIN));
+}
+
+function layerNorm(p: Params, cfg: OptConfig, x: Value): Value {
+  return layerNormLayer(p, x, cfg.hiddenSize, LAYER_NORM_EPS, cfg.layerNormElementwiseAffine);
+}
+
+function decoderLayer(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue | null): { x: Value; present: KeyValue } {
+  const pre = cfg.doLayerNormBefore;
+  let h = pre ? layerNorm(p.at("self_attn_layer_norm"), cfg, x) : x;
+  const attn = selfAttention(p.at("self_attn"), cfg, h, bias, past);
+  x = op.add(x, attn.out);
+  if (!pre) x = layerNorm(p.at("self_attn_layer_norm"), cfg, x);
+  h = pre ? layerNorm(p.at("final_layer_norm"), cfg, x) : x;
+  h = linearLayer(p.at("fc1"), h, cfg.hiddenSize, cfg.ffnDim, cfg.enableBias);
+  h = linearLayer(p.at("fc2"), activation(h, cfg.activationFunction), cfg.ffnDim, cfg.hiddenSize, cfg.enableBias);
+  x = op.add(x, h);
+  if (!pre) x = layerNorm(p.at("final_layer_norm"), cfg, x);
+  return { x, present: attn.present };
+}
+
+function selfAttention(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue | null): { out: Value; present: KeyValue } {
+  const d = cfg.hiddenSize;
+  const heads = cfg.numAttentionHeads;
+  const scaling = (d / heads) ** -0.5;
+  const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, d, d, cfg.enableBias), heads);
+  // OPT scales the query projection before the dot product.
+  const q = op.mul(proj("q_proj"), x.graph.scalar(scaling));
+  let k = proj("k_proj");
+  let v = proj("v_proj");
+  if (past) {
+    k = op.concat([past.key, k], 2);
+    v = op.concat([past.value, v], 2);
+  }
+  const out = linearLayer(p.at("out_proj"), mergeHeads(attend(q, k, v, null, bias)), d, d, cfg.enableBias);
+  return { out, present: { key: k, value: v } };
+}
+
+/** Graph inputs for the cache: one key and one value per layer, [B, H, P, Dh] with P dynamic. */
+export function pastInputs(g: Graph, cfg: OptConfig): KeyValue[] {
+  const heads = cfg.numAttentionHeads;
+  const dh = cfg.hiddenSize / heads;
+  const shape = ["batch", heads, "past", dh];
+  return Array.from({ length: cfg.numHiddenLayers }, (_, i) => ({
+    key: g.input(`past.${i}.key`, "float32", shape),
+    value: g.input(`past.${i}.value`, "float32", shape),
+  }));
+}

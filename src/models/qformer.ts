@@ -1,0 +1,86 @@
+/**
+ * The Querying Transformer: a BERT-style (post-LN) encoder whose input is the learned query tokens,
+ * optionally followed by text tokens. Queries and text share self-attention; only the queries
+ * cross-attend to the image features (every `cross_attention_frequency`-th layer), and queries and
+ * text have separate feed-forward weights.
+ */
+import type { QFormerConfig } from "../config.js";
+import type { Value } from "../ir/graph.js";
+import * as op from "../ir/ops.js";
+import { activation, attend, layerNormLayer, linearLayer, mergeHeads, paddingBias, Params, splitHeads } from "./layers.js";
+
+export interface QFormerInputs {
+  /** [B, Q, D] query embeddings (the expanded `query_tokens`), or null for text-only. */
+  queryEmbeds: Value | null;
+  /** [B, T, D] text embeddings placed after the queries, or null. */
+  textEmbeds: Value | null;
+  /** [B, Q + T] int64 mask over the whole sequence; null means attend everywhere. */
+  attentionMask: Value | null;
+  /** [B, N, encoder_hidden_size] image features to cross-attend to; null for text-only. */
+  imageEmbeds: Value | null;
+  /** How many leading positions are queries. */
+  queryLength: number;
+}
+
+export interface QFormerOutputs {
+  lastHiddenState: Value;
+  /** The normalized input embeddings, then each layer's output. */
+  hiddenStates: Value[];
+}
+
+/** Transformers masks Q-Former attention with -10000, not the dtype's minimum. */
+const MASKED = -10000;
+
+export function qformer(p: Params, cfg: QFormerConfig, inputs: QFormerInputs): QFormerOutputs {
+  const parts = [inputs.queryEmbeds, inputs.textEmbeds].filter((v): v is Value => v !== null);
+  let x = layerNormLayer(p.at("layernorm"), parts.length === 1 ? parts[0]! : op.concat(parts, 1), cfg.hiddenSize, cfg.layerNormEps);
+  const bias = inputs.attentionMask ? paddingBias(inputs.attentionMask, MASKED) : null;
+  const hiddenStates = [x];
+  for (let i = 0; i < cfg.numHiddenLayers; i++) {
+    const hasCrossAttention = inputs.imageEmbeds !== null && i % cfg.crossAttentionFrequency === 0;
+    x = layer(p.at("encoder.layer").at(i), cfg, x, bias, hasCrossAttention ? inputs.imageEmbeds : null, inputs.queryLength, inputs.textEmbeds !== null);
+    hiddenStates.push(x);
+  }
+  return { lastHiddenState: x, hiddenStates };
+}
+
+function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, imageEmbeds: Value | null, queryLength: number, hasText: boolean): Value {
+  const attended = attentionBlock(p.at("attention"), cfg, x, x, cfg.hiddenSize, bias);
+  if (queryLength === 0) return feedForward(p, "", cfg, attended);
+  let queries = queryLength > 0 && hasText ? op.slice(attended, [0], [queryLength], [1]) : attended;
+  if (imageEmbeds) queries = attentionBlock(p.at("crossattention"), cfg, queries, imageEmbeds, cfg.encoderHiddenSize, null);
+  const queryOut = feedForward(p, "_query", cfg, queries);
+  if (!hasText) return queryOut;
+  const text = op.slice(attended, [queryLength], [2 ** 62], [1]);
+  return op.concat([queryOut, feedForward(p, "", cfg, text)], 1);
+}
+
+/** BERT attention: multi-head attention, output dense, then LayerNorm(dense + input). */
+function attentionBlock(p: Params, cfg: QFormerConfig, x: Value, context: Value, contextSize: number, bias: Value | null): Value {
+  const d = cfg.hiddenSize;
+  const heads = cfg.numAttentionHeads;
+  const a = p.at("attention");
+  const q = splitHeads(linearLayer(a.at("query"), x, d, d), heads);
+  const k = splitHeads(linearLayer(a.at("key"), context, contextSize, d), heads);
+  const v = splitHeads(linearLayer(a.at("value"), context, contextSize, d), heads);
+  const out = linearLayer(p.at("output.dense"), mergeHeads(attend(q, k, v, (d / heads) ** -0.5, bias)), d, d);
+  return layerNormLayer(p.at("output.LayerNorm"), op.add(out, x), d, cfg.layerNormEps);
+}
+
+/** Feed-forward: `intermediate{suffix}` (dense + act), `output{suffix}` (dense, LayerNorm with residual). */
+function feedForward(p: Params, suffix: "" | "_query", cfg: QFormerConfig, x: Value): Value {
+  const d = cfg.hiddenSize;
+  const h = activation(linearLayer(p.at(`intermediate${suffix}.dense`), x, d, cfg.intermediateSize), cfg.hiddenAct);
+  const out = linearLayer(p.at(`output${suffix}.dense`), h, cfg.intermediateSize, d);
+  return layerNormLayer(p.at(`output${suffix}.LayerNorm`), op.add(out, x), d, cfg.layerNormEps);
+}
+
+/** Q-Former text embeddings: word + absolute position embeddings (normalized later by `layernorm`). */
+export function qformerTextEmbeddings(p: Params, cfg: QFormerConfig, inputIds: Value): Value {
+  const g = inputIds.graph;
+  const words = op.gather(p.get("word_embeddings.weight", [cfg.vocabSize, cfg.hiddenSize]), inputIds);
+  const length = op.slice(op.shapeOf(inputIds), [1], [2], [0]);
+  const positions = op.range(g.scalar(0, "int64"), op.squeeze(length, [0]), g.scalar(1, "int64"), inputIds.dim(1));
+  const pos = op.gather(p.get("position_embeddings.weight", [cfg.maxPositionEmbeddings, cfg.hiddenSize]), positions);
+  return op.add(words, pos);
+}

@@ -1,0 +1,177 @@
+/**
+ * T5 (Flan-T5), the encoder-decoder language model: RMS norms, unscaled attention with a learned
+ * relative-position bias (computed by the first layer of each stack and shared by all layers),
+ * ReLU or gated-GELU feed-forward, and an untied head (or the shared table, scaled, when tied).
+ *
+ * Three graphs: the encoder over `inputs_embeds`; the cross-attention keys/values of every decoder
+ * layer, computed once per encoder output; and the decoder step with a self-attention cache.
+ */
+import type { T5Config } from "../config.js";
+import type { Graph, Value } from "../ir/graph.js";
+import * as op from "../ir/ops.js";
+import { activation, attend, FLOAT32_MIN, linearLayer, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
+import type { KeyValue } from "./opt.js";
+
+export interface T5EncoderOutputs {
+  lastHiddenState: Value;
+  hiddenStates: Value[];
+}
+
+export interface T5DecoderOutputs {
+  logits: Value;
+  present: KeyValue[];
+  hiddenStates: Value[];
+}
+
+const inner = (cfg: T5Config) => cfg.numHeads * cfg.dKv;
+
+/** Token ids -> shared embeddings. */
+export function t5EmbedTokens(p: Params, cfg: T5Config, inputIds: Value): Value {
+  return op.gather(p.get("shared.weight", [cfg.vocabSize, cfg.dModel]), inputIds);
+}
+
+/**
+ * @param p        parameters under `language_model.`
+ * @param buckets  [S, S] int64 relative-position buckets (bidirectional), from `relativePositionBuckets`
+ */
+export function t5Encoder(p: Params, cfg: T5Config, inputsEmbeds: Value, attentionMask: Value, buckets: Value): T5EncoderOutputs {
+  const enc = p.at("encoder");
+  const bias = op.add(positionBias(enc.at("block.0.layer.0.SelfAttention"), cfg, buckets), paddingBias(attentionMask, FLOAT32_MIN));
+  let x = inputsEmbeds;
+  const hiddenStates = [x];
+  for (let i = 0; i < cfg.numLayers; i++) {
+    const block = enc.at("block").at(i);
+    x = op.add(x, attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, bias).out);
+    x = op.add(x, feedForward(block.at("layer.1"), cfg, x));
+    hiddenStates.push(x);
+  }
+  x = norm(enc.at("final_layer_norm"), cfg, x);
+  hiddenStates[hiddenStates.length - 1] = x;
+  return { lastHiddenState: x, hiddenStates };
+}
+
+/** Keys and values of every decoder layer's cross-attention over the encoder output. */
+export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value): KeyValue[] {
+  return Array.from({ length: cfg.numDecoderLayers }, (_, i) => {
+    const a = p.at("decoder.block").at(i).at("layer.1.EncDecAttention");
+    return {
+      key: splitHeads(linearLayer(a.at("k"), encoderHidden, cfg.dModel, inner(cfg), false), cfg.numHeads),
+      value: splitHeads(linearLayer(a.at("v"), encoderHidden, cfg.dModel, inner(cfg), false), cfg.numHeads),
+    };
+  });
+}
+
+/**
+ * One decoder pass over new tokens, given the cache.
+ * @param buckets        [S, P + S] int64 causal relative-position buckets for the new positions
+ * @param encoderMask    [B, Se] int64
+ * @param cross          per layer, from `t5CrossKeyValues`
+ * @param past           per layer self-attention cache [B, H, P, Dkv]
+ */
+export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[]): T5DecoderOutputs {
+  const dec = p.at("decoder");
+  let x = t5EmbedTokens(p, cfg, decoderInputIds);
+  const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalMask(buckets));
+  const crossBias = paddingBias(encoderMask, FLOAT32_MIN);
+  const hiddenStates = [x];
+  const present: KeyValue[] = [];
+  for (let i = 0; i < cfg.numDecoderLayers; i++) {
+    const block = dec.at("block").at(i);
+    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past[i]);
+    x = op.add(x, self.out);
+    present.push(self.present);
+    x = op.add(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias).out);
+    x = op.add(x, feedForward(block.at("layer.2"), cfg, x));
+    hiddenStates.push(x);
+  }
+  x = norm(dec.at("final_layer_norm"), cfg, x);
+  hiddenStates[hiddenStates.length - 1] = x;
+  if (cfg.scaleDecoderOutputs) x = op.mul(x, x.graph.scalar(cfg.dModel ** -0.5));
+  const head = cfg.tieWordEmbeddings ? p.get("shared.weight", [cfg.vocabSize, cfg.dModel]) : p.get("lm_head.weight", [cfg.vocabSize, cfg.dModel]);
+  return { logits: op.linear(x, head, null), present, hiddenStates };
+}
+
+function norm(p: Params, cfg: T5Config, x: Value): Value {
+  return rmsNorm(p, x, cfg.dModel, cfg.layerNormEpsilon);
+}
+
+/**
+ * T5 attention (no scaling). With `cross`, keys/values are the precomputed encoder projections;
+ * otherwise they come from `x`, appended to `past` when given.
+ */
+function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue } {
+  const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false), cfg.numHeads);
+  let kv: KeyValue = cross ?? { key: proj("k"), value: proj("v") };
+  if (past) kv = { key: op.concat([past.key, kv.key], 2), value: op.concat([past.value, kv.value], 2) };
+  const context = attend(proj("q"), kv.key, kv.value, null, bias);
+  return { out: linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false), present: kv };
+}
+
+function feedForward(p: Params, cfg: T5Config, x: Value): Value {
+  const h = norm(p.at("layer_norm"), cfg, x);
+  const ff = p.at("DenseReluDense");
+  const wi = (name: string) => linearLayer(ff.at(name), h, cfg.dModel, cfg.dFf, false);
+  const hidden = cfg.isGatedAct ? op.mul(activation(wi("wi_0"), cfg.denseActFn), wi("wi_1")) : activation(wi("wi"), cfg.denseActFn);
+  return linearLayer(ff.at("wo"), hidden, cfg.dFf, cfg.dModel, false);
+}
+
+/** [S, T] buckets -> [1, H, S, T] bias from the layer's `relative_attention_bias` table. */
+function positionBias(p: Params, cfg: T5Config, buckets: Value): Value {
+  const table = p.get("relative_attention_bias.weight", [cfg.relativeAttentionNumBuckets, cfg.numHeads]);
+  return op.unsqueeze(op.transpose(op.gather(table, buckets), [2, 0, 1]), [0]);
+}
+
+/** The decoder's causal mask, read off the bucket matrix's shape: query i sits at T - S + i. */
+function causalMask(buckets: Value): Value {
+  const g = buckets.graph;
+  const one = g.scalar(1, "int64");
+  const shape = op.shapeOf(buckets);
+  const s = op.squeeze(op.slice(shape, [0], [1], [0]), [0]);
+  const t = op.squeeze(op.slice(shape, [1], [2], [0]), [0]);
+  const queryPos = op.unsqueeze(op.range(op.sub(t, s), t, one, buckets.dim(0)), [1]);
+  const keyPos = op.unsqueeze(op.range(g.scalar(0, "int64"), t, one, buckets.dim(1)), [0]);
+  return op.where(op.less(queryPos, keyPos), g.scalar(FLOAT32_MIN), g.scalar(0));
+}
+
+/**
+ * transformers' `_relative_position_bucket` for queries at positions [offset, offset + S) and keys
+ * [0, T), with its float32 arithmetic reproduced (Math.fround) so bucket edges fall identically.
+ */
+export function relativePositionBuckets(cfg: T5Config, queryLength: number, keyLength: number, offset: number, bidirectional: boolean): BigInt64Array {
+  const out = new BigInt64Array(queryLength * keyLength);
+  let numBuckets = cfg.relativeAttentionNumBuckets;
+  if (bidirectional) numBuckets = Math.floor(numBuckets / 2);
+  const maxExact = Math.floor(numBuckets / 2);
+  const f = Math.fround;
+  const logRatio = Math.log(cfg.relativeAttentionMaxDistance / maxExact);
+  for (let i = 0; i < queryLength; i++) {
+    for (let j = 0; j < keyLength; j++) {
+      let rel = j - (offset + i);
+      let bucket = 0;
+      if (bidirectional) {
+        if (rel > 0) bucket += numBuckets;
+        rel = Math.abs(rel);
+      } else {
+        rel = -Math.min(rel, 0);
+      }
+      if (rel < maxExact) {
+        bucket += rel;
+      } else {
+        const scaled = f(f(f(Math.log(f(rel / maxExact))) / f(logRatio)) * (numBuckets - maxExact));
+        bucket += Math.min(maxExact + Math.trunc(scaled), numBuckets - 1);
+      }
+      out[i * keyLength + j] = BigInt(bucket);
+    }
+  }
+  return out;
+}
+
+/** Graph inputs for the decoder's self-attention cache and the precomputed cross keys/values. */
+export function t5CacheInputs(g: Graph, cfg: T5Config): { past: KeyValue[]; cross: KeyValue[] } {
+  const kv = (prefix: string, len: string) =>
+    Array.from({ length: cfg.numDecoderLayers }, (_, i) => ({
+      key: g.input(`${prefix}.${i}.key`, "float32", ["batch", cfg.numHeads, len, cfg.dKv]),
+      value: g.input(`${prefix}.${i}.value`, "float32", ["batch", cfg.numHeads, len, cfg.dKv]),
+    }));
+  return { past: kv("past", "past"), cross: kv("cross", "encoder_length") };
+}

@@ -1,0 +1,168 @@
+/**
+ * Runs Blip2ForConditionalGeneration's graphs: sessions are created on first use and cached.
+ * This is the numeric core that generation, the API and the `dump` command share.
+ */
+import type * as ort from "onnxruntime-node";
+import type { OptConfig, T5Config } from "../config.js";
+import { Blip2Error } from "../errors.js";
+import type { Checkpoint } from "../io/checkpoint.js";
+import type { Graph } from "../ir/graph.js";
+import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
+import { relativePositionBuckets } from "../models/t5.js";
+import { CompiledGraph, tensor, type RuntimeOptions } from "./session.js";
+
+export type Tensors = Record<string, ort.Tensor>;
+
+/** Per-layer key/value tensors as the decoder graphs name them (`past.{i}.key`, ...). */
+export type Cache = Tensors;
+
+export class Blip2Runtime {
+  private sessions = new Map<string, Promise<CompiledGraph>>();
+
+  constructor(
+    readonly checkpoint: Checkpoint,
+    readonly options: RuntimeOptions & GraphOptions = {},
+  ) {}
+
+  get config() {
+    return this.checkpoint.config;
+  }
+
+  private compiled(name: string, build: () => Graph): Promise<CompiledGraph> {
+    let s = this.sessions.get(name);
+    if (!s) {
+      s = CompiledGraph.create(build(), this.options);
+      this.sessions.set(name, s);
+      s.catch(() => this.sessions.delete(name));
+    }
+    return s;
+  }
+
+  /** pixel_values [B, 3, H, W] -> language_model_inputs and the vision/Q-Former outputs. */
+  async image(pixelValues: Float32Array, batch: number): Promise<Tensors> {
+    const size = this.config.vision.imageSize;
+    const expected = batch * 3 * size * size;
+    if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
+    const s = await this.compiled("image", () => imageGraph(this.checkpoint, { project: true, hiddenStates: this.options.hiddenStates }));
+    return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
+  }
+
+  /** Token ids -> the language model's input embeddings. */
+  async embed(ids: number[][]): Promise<ort.Tensor> {
+    const s = await this.compiled("embed", () => embedGraph(this.checkpoint));
+    const width = ids[0]?.length ?? 0;
+    return (await s.run({ input_ids: tensor.i64(ids.flat(), [ids.length, width]) })).inputs_embeds!;
+  }
+
+  /**
+   * The language model's input embeddings for a prompt: token embeddings with the projected queries
+   * placed at the `<image>` tokens; or, for checkpoints whose processor adds no image tokens
+   * ("legacy"), the queries placed before the text and the mask extended to cover them.
+   */
+  async inputsEmbeds(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): Promise<{ embeds: ort.Tensor; mask: number[][] }> {
+    const tokens = await this.embed(inputIds);
+    const [batch, queries, d] = languageModelInputs.dims as [number, number, number];
+    if (batch !== inputIds.length) throw new Blip2Error(`${batch} images but ${inputIds.length} prompts`);
+    const features = languageModelInputs.data as Float32Array;
+    const data = tokens.data as Float32Array;
+    const width = inputIds[0]!.length;
+    const imageToken = this.config.imageTokenIndex;
+    const counts = inputIds.map((row) => row.filter((t) => t === imageToken).length);
+    if (imageToken !== null && counts.some((c) => c > 0)) {
+      inputIds.forEach((row, b) => {
+        if (counts[b] !== queries) throw new Blip2Error(`prompt ${b} has ${counts[b]} <image> tokens, expected ${queries} (num_query_tokens)`);
+        let k = 0;
+        row.forEach((t, s) => {
+          if (t === imageToken) data.set(features.subarray((b * queries + k++) * d, (b * queries + k) * d), (b * width + s) * d);
+        });
+      });
+      return { embeds: tokens, mask: attentionMask };
+    }
+    const out = new Float32Array(batch * (queries + width) * d);
+    for (let b = 0; b < batch; b++) {
+      out.set(features.subarray(b * queries * d, (b + 1) * queries * d), b * (queries + width) * d);
+      out.set(data.subarray(b * width * d, (b + 1) * width * d), (b * (queries + width) + queries) * d);
+    }
+    const mask = attentionMask.map((row) => [...new Array(queries).fill(1), ...row]);
+    return { embeds: tensor.f32(out, [batch, queries + width, d]), mask };
+  }
+
+  private get opt(): OptConfig {
+    if (this.config.text.modelType !== "opt") throw new Blip2Error("internal: not an OPT checkpoint");
+    return this.config.text;
+  }
+
+  private get t5(): T5Config {
+    if (this.config.text.modelType !== "t5") throw new Blip2Error("internal: not a T5 checkpoint");
+    return this.config.text;
+  }
+
+  /** An empty cache ([B, H, 0, Dh] per layer) for the first decoder pass. */
+  emptyCache(batch: number): Cache {
+    const t = this.config.text;
+    const [layers, heads, dh] = t.modelType === "opt" ? [t.numHiddenLayers, t.numAttentionHeads, t.hiddenSize / t.numAttentionHeads] : [t.numDecoderLayers, t.numHeads, t.dKv];
+    const cache: Cache = {};
+    for (let i = 0; i < layers; i++) {
+      cache[`past.${i}.key`] = tensor.f32(new Float32Array(0), [batch, heads, 0, dh]);
+      cache[`past.${i}.value`] = tensor.f32(new Float32Array(0), [batch, heads, 0, dh]);
+    }
+    return cache;
+  }
+
+  /** OPT: logits for the new positions and the updated cache (`present.*` renamed to `past.*`). */
+  async optDecode(embeds: ort.Tensor, attentionMask: number[][], past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
+    const s = await this.compiled("opt_decoder", () => optDecoderGraph(this.checkpoint, this.opt, this.options));
+    const width = attentionMask[0]!.length;
+    const outputs = await s.run({ inputs_embeds: embeds, attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, width]), ...past });
+    return { outputs, cache: presentAsPast(outputs) };
+  }
+
+  /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
+  async t5Encode(embeds: ort.Tensor, attentionMask: number[][]): Promise<Tensors> {
+    const s = await this.compiled("t5_encoder", () => t5EncoderGraph(this.checkpoint, this.t5, this.options));
+    const length = embeds.dims[1]!;
+    return s.run({
+      inputs_embeds: embeds,
+      attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, length]),
+      position_buckets: tensor.i64(relativePositionBuckets(this.t5, length, length, 0, true), [length, length]),
+    });
+  }
+
+  /** Every decoder layer's cross-attention keys/values (`cross.{i}.key`), computed once per input. */
+  async t5Cross(encoderHidden: ort.Tensor): Promise<Tensors> {
+    const s = await this.compiled("t5_cross", () => t5CrossGraph(this.checkpoint, this.t5));
+    return s.run({ encoder_hidden_states: encoderHidden });
+  }
+
+  /** T5 decoder over new tokens given the self-attention cache and the cross keys/values. */
+  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
+    const s = await this.compiled("t5_decoder", () => t5DecoderGraph(this.checkpoint, this.t5, this.options));
+    const length = decoderInputIds[0]!.length;
+    const pastLength = past["past.0.value"]?.dims[2] ?? 0;
+    const total = pastLength + length;
+    const outputs = await s.run({
+      decoder_input_ids: tensor.i64(decoderInputIds.flat(), [decoderInputIds.length, length]),
+      position_buckets: tensor.i64(relativePositionBuckets(this.t5, length, total, pastLength, false), [length, total]),
+      encoder_attention_mask: tensor.i64(encoderMask.flat(), [encoderMask.length, encoderMask[0]!.length]),
+      ...cross,
+      ...past,
+    });
+    return { outputs, cache: presentAsPast(outputs) };
+  }
+
+  get textHiddenSize(): number {
+    return textHiddenSize(this.config);
+  }
+
+  async release(): Promise<void> {
+    const all = [...this.sessions.values()];
+    this.sessions.clear();
+    await Promise.all(all.map(async (s) => (await s).release()));
+  }
+}
+
+function presentAsPast(outputs: Tensors): Cache {
+  const cache: Cache = {};
+  for (const [name, t] of Object.entries(outputs)) if (name.startsWith("present.")) cache[`past.${name.slice(8)}`] = t;
+  return cache;
+}
