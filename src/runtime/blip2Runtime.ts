@@ -6,10 +6,9 @@ import type * as ort from "onnxruntime-node";
 import type { OptConfig, T5Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
-import type { Graph } from "../ir/graph.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
-import { CompiledGraph, tensor, type RuntimeOptions } from "./session.js";
+import { SessionCache, tensor, type RuntimeOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
@@ -17,25 +16,17 @@ export type Tensors = Record<string, ort.Tensor>;
 export type Cache = Tensors;
 
 export class Blip2Runtime {
-  private sessions = new Map<string, Promise<CompiledGraph>>();
+  private readonly sessions: SessionCache;
 
   constructor(
     readonly checkpoint: Checkpoint,
     readonly options: RuntimeOptions & GraphOptions = {},
-  ) {}
+  ) {
+    this.sessions = new SessionCache(options);
+  }
 
   get config() {
     return this.checkpoint.config;
-  }
-
-  private compiled(name: string, build: () => Graph): Promise<CompiledGraph> {
-    let s = this.sessions.get(name);
-    if (!s) {
-      s = CompiledGraph.create(build(), this.options);
-      this.sessions.set(name, s);
-      s.catch(() => this.sessions.delete(name));
-    }
-    return s;
   }
 
   /** pixel_values [B, 3, H, W] -> language_model_inputs and the vision/Q-Former outputs. */
@@ -43,13 +34,13 @@ export class Blip2Runtime {
     const size = this.config.vision.imageSize;
     const expected = batch * 3 * size * size;
     if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
-    const s = await this.compiled("image", () => imageGraph(this.checkpoint, { project: true, hiddenStates: this.options.hiddenStates }));
+    const s = await this.sessions.get("image", () => imageGraph(this.checkpoint, { project: true, hiddenStates: this.options.hiddenStates }));
     return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   }
 
   /** Token ids -> the language model's input embeddings. */
   async embed(ids: number[][]): Promise<ort.Tensor> {
-    const s = await this.compiled("embed", () => embedGraph(this.checkpoint));
+    const s = await this.sessions.get("embed", () => embedGraph(this.checkpoint));
     const width = ids[0]?.length ?? 0;
     return (await s.run({ input_ids: tensor.i64(ids.flat(), [ids.length, width]) })).inputs_embeds!;
   }
@@ -111,7 +102,7 @@ export class Blip2Runtime {
 
   /** OPT: logits for the new positions and the updated cache (`present.*` renamed to `past.*`). */
   async optDecode(embeds: ort.Tensor, attentionMask: number[][], past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
-    const s = await this.compiled("opt_decoder", () => optDecoderGraph(this.checkpoint, this.opt, this.options));
+    const s = await this.sessions.get("opt_decoder", () => optDecoderGraph(this.checkpoint, this.opt, this.options));
     const width = attentionMask[0]!.length;
     const outputs = await s.run({ inputs_embeds: embeds, attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, width]), ...past });
     return { outputs, cache: presentAsPast(outputs) };
@@ -119,7 +110,7 @@ export class Blip2Runtime {
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
   async t5Encode(embeds: ort.Tensor, attentionMask: number[][]): Promise<Tensors> {
-    const s = await this.compiled("t5_encoder", () => t5EncoderGraph(this.checkpoint, this.t5, this.options));
+    const s = await this.sessions.get("t5_encoder", () => t5EncoderGraph(this.checkpoint, this.t5, this.options));
     const length = embeds.dims[1]!;
     return s.run({
       inputs_embeds: embeds,
@@ -130,13 +121,13 @@ export class Blip2Runtime {
 
   /** Every decoder layer's cross-attention keys/values (`cross.{i}.key`), computed once per input. */
   async t5Cross(encoderHidden: ort.Tensor): Promise<Tensors> {
-    const s = await this.compiled("t5_cross", () => t5CrossGraph(this.checkpoint, this.t5));
+    const s = await this.sessions.get("t5_cross", () => t5CrossGraph(this.checkpoint, this.t5));
     return s.run({ encoder_hidden_states: encoderHidden });
   }
 
   /** T5 decoder over new tokens given the self-attention cache and the cross keys/values. */
   async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
-    const s = await this.compiled("t5_decoder", () => t5DecoderGraph(this.checkpoint, this.t5, this.options));
+    const s = await this.sessions.get("t5_decoder", () => t5DecoderGraph(this.checkpoint, this.t5, this.options));
     const length = decoderInputIds[0]!.length;
     const pastLength = past["past.0.value"]?.dims[2] ?? 0;
     const total = pastLength + length;
@@ -154,10 +145,8 @@ export class Blip2Runtime {
     return textHiddenSize(this.config);
   }
 
-  async release(): Promise<void> {
-    const all = [...this.sessions.values()];
-    this.sessions.clear();
-    await Promise.all(all.map(async (s) => (await s).release()));
+  release(): Promise<void> {
+    return this.sessions.release();
   }
 }
 

@@ -97,3 +97,27 @@ export const tensor = {
   i64: (data: ArrayLike<number> | BigInt64Array, dims: readonly number[]) =>
     new ort.Tensor("int64", data instanceof BigInt64Array ? data : BigInt64Array.from(Array.from(data, (x) => BigInt(x))), dims),
 };
+
+/** Sessions by name, each created from its graph on first use. */
+export class SessionCache {
+  private sessions = new Map<string, Promise<CompiledGraph>>();
+
+  constructor(private readonly options: RuntimeOptions) {}
+
+  get(name: string, build: () => Graph): Promise<CompiledGraph> {
+    let s = this.sessions.get(name);
+    if (!s) {
+      s = CompiledGraph.create(build(), this.options);
+      this.sessions.set(name, s);
+      // A failed creation is not cached: the next call tries again.
+      s.catch(() => this.sessions.delete(name));
+    }
+    return s;
+  }
+
+  async release(): Promise<void> {
+    const all = [...this.sessions.values()];
+    this.sessions.clear();
+    await Promise.all(all.map(async (s) => (await s).release()));
+  }
+}
