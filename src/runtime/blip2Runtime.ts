@@ -5,6 +5,7 @@
 import type * as ort from "onnxruntime-node";
 import type { OptConfig, T5Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
+import { warnOnce } from "../warn.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
@@ -46,9 +47,11 @@ export class Blip2Runtime {
   }
 
   /**
-   * The language model's input embeddings for a prompt: token embeddings with the projected queries
-   * placed at the `<image>` tokens; or, for checkpoints whose processor adds no image tokens
-   * ("legacy"), the queries placed before the text and the mask extended to cover them.
+   * The language model's input embeddings for a prompt. As in transformers, the config decides:
+   * with an `image_token_index`, the projected queries replace the embeddings at the `<image>`
+   * tokens (a prompt without them leaves the image unused, which transformers does silently and we
+   * warn about); without one ("legacy" checkpoints), the queries go before the text and the mask is
+   * extended to cover them.
    */
   async inputsEmbeds(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): Promise<{ embeds: ort.Tensor; mask: number[][] }> {
     const tokens = await this.embed(inputIds);
@@ -58,13 +61,14 @@ export class Blip2Runtime {
     const data = tokens.data as Float32Array;
     const width = inputIds[0]!.length;
     const imageToken = this.config.imageTokenIndex;
-    const counts = inputIds.map((row) => row.filter((t) => t === imageToken).length);
-    if (imageToken !== null && counts.some((c) => c > 0)) {
+    if (imageToken !== null) {
       inputIds.forEach((row, b) => {
-        if (counts[b] !== queries) throw new Blip2Error(`prompt ${b} has ${counts[b]} <image> tokens, expected ${queries} (num_query_tokens)`);
+        const count = row.filter((t) => t === imageToken).length;
+        if (count === 0) warnOnce(`prompt has no <image> tokens (id ${imageToken}) although the checkpoint expects ${queries}: the image is not used (prepare prompts with Blip2Processor)`);
+        else if (count !== queries) throw new Blip2Error(`prompt ${b} has ${count} <image> tokens, expected ${queries} (num_query_tokens)`);
         let k = 0;
         row.forEach((t, s) => {
-          if (t === imageToken) data.set(features.subarray((b * queries + k++) * d, (b * queries + k) * d), (b * width + s) * d);
+          if (t === imageToken && count === queries) data.set(features.subarray((b * queries + k++) * d, (b * queries + k) * d), (b * width + s) * d);
         });
       });
       return { embeds: tokens, mask: attentionMask };

@@ -1,0 +1,141 @@
+/**
+ * BLIP-2's generate: image -> projected queries -> language-model input embeddings, then a
+ * decoding loop with the key/value cache. OPT decodes after the prompt (one token's work per step);
+ * T5 encodes the prompt once, precomputes every layer's cross-attention keys/values, and decodes
+ * from the decoder start token.
+ *
+ * Returned ids follow transformers 5.x: for OPT the prompt ids (image tokens, BOS, text) followed
+ * by the new tokens; for T5 the decoder start token followed by the new tokens.
+ */
+import * as ort from "onnxruntime-node";
+import type { Blip2Runtime, Cache, Tensors } from "../runtime/blip2Runtime.js";
+import { tensor } from "../runtime/session.js";
+import type { ResolvedGeneration } from "./options.js";
+import { beamSearch, sampleOrGreedy, type DecodingModel, type SearchResult, type TokenCallback } from "./search.js";
+
+export interface GenerateInputs {
+  /** [B, 3, H, W] pixel values, B = number of prompts. */
+  pixelValues: Float32Array;
+  inputIds: number[][];
+  attentionMask: number[][];
+}
+
+export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, onToken?: TokenCallback): Promise<SearchResult> {
+  const batch = inputs.inputIds.length;
+  const image = await rt.image(inputs.pixelValues, batch);
+  const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, image.language_model_inputs!);
+  // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent.
+  const copies = g.numBeams > 1 ? g.numBeams : g.numReturnSequences;
+  const rows = repeatRows(Array.from({ length: batch }, (_, i) => i), copies);
+  let model: DecodingModel;
+  let prompts: number[][];
+  if (rt.config.text.modelType === "opt") {
+    model = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]));
+    prompts = rows.map((r) => inputs.inputIds[r]!);
+  } else {
+    const encoder = await rt.t5Encode(gatherRows(embeds, rows), rows.map((r) => mask[r]!));
+    const cross = await rt.t5Cross(encoder.last_hidden_state!);
+    model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId);
+    prompts = rows.map(() => [g.decoderStartTokenId]);
+  }
+  return g.numBeams > 1 ? beamSearch(model, prompts, g) : sampleOrGreedy(model, prompts, g, onToken);
+}
+
+function repeatRows(rows: number[], copies: number): number[] {
+  return rows.flatMap((r) => new Array(copies).fill(r));
+}
+
+/** Rows of a [N, ...] float tensor, in the given order. */
+function gatherRows(t: ort.Tensor, rows: number[]): ort.Tensor {
+  const [n, ...rest] = t.dims as number[];
+  const size = rest.reduce((a, b) => a * b, 1);
+  if (rows.length === n && rows.every((r, i) => r === i)) return t;
+  const src = t.data as Float32Array;
+  const out = new Float32Array(rows.length * size);
+  rows.forEach((r, i) => out.set(src.subarray(r * size, (r + 1) * size), i * size));
+  return tensor.f32(out, [rows.length, ...rest]);
+}
+
+function gatherCache(cache: Cache, rows: number[]): Cache {
+  const out: Cache = {};
+  for (const [name, t] of Object.entries(cache)) out[name] = gatherRows(t, rows);
+  return out;
+}
+
+/** Logits of the last position of every row: [rows, S, V] -> [rows * V]. */
+function lastPosition(logits: ort.Tensor): Float32Array {
+  const [rows, length, vocab] = logits.dims as [number, number, number];
+  const data = logits.data as Float32Array;
+  if (length === 1) return data;
+  const out = new Float32Array(rows * vocab);
+  for (let r = 0; r < rows; r++) out.set(data.subarray((r * length + length - 1) * vocab, (r * length + length) * vocab), r * vocab);
+  return out;
+}
+
+class OptDecoding implements DecodingModel {
+  private cache: Cache;
+
+  constructor(
+    private readonly rt: Blip2Runtime,
+    private readonly embeds: ort.Tensor,
+    private mask: number[][],
+  ) {
+    this.cache = rt.emptyCache(mask.length);
+  }
+
+  get vocabSize(): number {
+    return this.rt.config.text.vocabSize;
+  }
+
+  async prefill(): Promise<Float32Array> {
+    return this.decode(this.embeds);
+  }
+
+  async step(tokens: number[]): Promise<Float32Array> {
+    this.mask = this.mask.map((m) => [...m, 1]);
+    return this.decode(await this.rt.embed(tokens.map((t) => [t])));
+  }
+
+  reorder(index: number[]): void {
+    this.cache = gatherCache(this.cache, index);
+    this.mask = index.map((i) => this.mask[i]!);
+  }
+
+  private async decode(embeds: ort.Tensor): Promise<Float32Array> {
+    const { outputs, cache } = await this.rt.optDecode(embeds, this.mask, this.cache);
+    this.cache = cache;
+    return lastPosition(outputs.logits!);
+  }
+}
+
+class T5Decoding implements DecodingModel {
+  private cache: Cache;
+
+  constructor(
+    private readonly rt: Blip2Runtime,
+    private readonly cross: Tensors,
+    private readonly encoderMask: number[][],
+    private readonly startToken: number,
+  ) {
+    this.cache = rt.emptyCache(encoderMask.length);
+  }
+
+  get vocabSize(): number {
+    return this.rt.config.text.vocabSize;
+  }
+
+  prefill(): Promise<Float32Array> {
+    return this.step(this.encoderMask.map(() => this.startToken));
+  }
+
+  async step(tokens: number[]): Promise<Float32Array> {
+    const { outputs, cache } = await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache);
+    this.cache = cache;
+    return lastPosition(outputs.logits!);
+  }
+
+  /** Beams of one input share its encoder output, so only the self-attention cache moves. */
+  reorder(index: number[]): void {
+    this.cache = gatherCache(this.cache, index);
+  }
+}
