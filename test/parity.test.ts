@@ -122,3 +122,16 @@ describe("hf-4.45/itm (transformers 4.45)", () => {
     close("itm_qformer_last_hidden_state", itm.itm_qformer_last_hidden_state, ref.get("itm_qformer_last_hidden_state"));
   });
 });
+
+describe("legacy checkpoints (no image_token_index): queries concatenated before the text", () => {
+  it("gives the same logits as the image-token path at the same positions", async () => {
+    const ckpt = Checkpoint.open(fixture("tiny-blip2-opt"));
+    const ref = loadReference(fixture("tiny-blip2-opt", "reference.safetensors"));
+    const cs = json("tiny-blip2-opt", "reference.json").cases["2"];
+    const legacy = open(new Blip2Runtime(ckpt.withConfig({ imageTokenIndex: null })));
+    const image = await legacy.image(ref.get("case2.pixel_values")!.data, 1);
+    const text = cs.input_ids.slice(4);
+    const out = await languageModel(legacy, image, [text], [text.map(() => 1)]);
+    close("case2.logits via concatenation", out.logits, ref.get("case2.logits"));
+  });
+});

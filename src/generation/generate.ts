@@ -20,7 +20,14 @@ export interface GenerateInputs {
   attentionMask: number[][];
 }
 
-export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, onToken?: TokenCallback): Promise<SearchResult> {
+export interface GenerateHooks {
+  /** Each step's new token per row (greedy and sampling). */
+  onToken?: TokenCallback;
+  /** Each step's raw language-model logits of the last position, [rows * vocab], before any processor. */
+  onLogits?: (logits: Float32Array) => void;
+}
+
+export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, hooks: GenerateHooks = {}): Promise<SearchResult> {
   const batch = inputs.inputIds.length;
   const image = await rt.image(inputs.pixelValues, batch);
   const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, image.language_model_inputs!);
@@ -38,7 +45,18 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
-  return g.numBeams > 1 ? beamSearch(model, prompts, g) : sampleOrGreedy(model, prompts, g, onToken);
+  if (hooks.onLogits) model = observeLogits(model, hooks.onLogits);
+  return g.numBeams > 1 ? beamSearch(model, prompts, g) : sampleOrGreedy(model, prompts, g, hooks.onToken);
+}
+
+function observeLogits(model: DecodingModel, onLogits: (logits: Float32Array) => void): DecodingModel {
+  const seen = (logits: Float32Array) => (onLogits(logits.slice()), logits);
+  return {
+    vocabSize: model.vocabSize,
+    prefill: async () => seen(await model.prefill()),
+    step: async (tokens) => seen(await model.step(tokens)),
+    reorder: (index) => model.reorder(index),
+  };
 }
 
 function repeatRows(rows: number[], copies: number): number[] {

@@ -32,6 +32,11 @@ export class Checkpoint {
     return new Checkpoint(abs, config, loadWeights(abs));
   }
 
+  /** The same weights under a modified config (e.g. to run a checkpoint the legacy way). */
+  withConfig(patch: Partial<Blip2Config>): Checkpoint {
+    return new Checkpoint(this.dir, { ...this.config, ...patch }, this.tensors);
+  }
+
   /** Absolute path of a file in the checkpoint folder. */
   file(name: string): string {
     return path.join(this.dir, name);
