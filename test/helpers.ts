@@ -1,5 +1,8 @@
 /** Shared test helpers: fixture paths, reference tensors, tolerance checks. */
+import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
+import { PassThrough } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { expect } from "vitest";
 import { readSafetensorsHeader, readTensorF32, readTensorInts, type TensorInfo } from "../src/io/safetensors.js";
@@ -47,4 +50,47 @@ export function expectClose(name: string, actual: { shape: readonly number[]; da
   const diff = maxAbsDiff(actual.data, ref.data);
   const bound = tol * Math.max(1, maxAbs(ref.data));
   expect(diff, `${name}: max |diff| ${diff} > ${bound}`).toBeLessThanOrEqual(bound);
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the CLI in-process with captured output. */
+export async function cli(...argv: string[]): Promise<CliResult> {
+  const { run } = await import("../src/cli/run.js");
+  const collect = () => {
+    const s = new PassThrough();
+    const chunks: Buffer[] = [];
+    s.on("data", (c: Buffer) => chunks.push(c));
+    return { s, text: () => Buffer.concat(chunks).toString("utf8") };
+  };
+  const out = collect();
+  const err = collect();
+  const stdin = new PassThrough();
+  stdin.end();
+  const code = await run(argv, { stdout: out.s, stderr: err.s, stdin });
+  return { code, stdout: out.text(), stderr: err.text() };
+}
+
+/** A writable copy of a fixture checkpoint in a fresh temp folder. */
+export function copyFixture(name: string): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-test-"));
+  fs.cpSync(fixture(name), dir, { recursive: true });
+  for (const f of fs.readdirSync(dir)) fs.chmodSync(path.join(dir, f), 0o644);
+  return dir;
+}
+
+/** Rewrite a safetensors file's JSON header (the data bytes are kept as they are). */
+export function editSafetensorsHeader(file: string, edit: (header: Record<string, any>) => void): void {
+  const bytes = fs.readFileSync(file);
+  const n = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + n).toString("utf8"));
+  edit(header);
+  const json = Buffer.from(JSON.stringify(header));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  fs.writeFileSync(file, Buffer.concat([length, json, bytes.subarray(8 + n)]));
 }

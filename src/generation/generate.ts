@@ -7,17 +7,27 @@
  * Returned ids follow transformers 5.x: for OPT the prompt ids (image tokens, BOS, text) followed
  * by the new tokens; for T5 the decoder start token followed by the new tokens.
  */
-import * as ort from "onnxruntime-node";
+import type * as ort from "onnxruntime-node";
+import { Blip2Error } from "../errors.js";
 import type { Blip2Runtime, Cache, Tensors } from "../runtime/blip2Runtime.js";
 import { tensor } from "../runtime/session.js";
 import type { ResolvedGeneration } from "./options.js";
 import { beamSearch, sampleOrGreedy, type DecodingModel, type SearchResult, type TokenCallback } from "./search.js";
 
 export interface GenerateInputs {
-  /** [B, 3, H, W] pixel values, B = number of prompts. */
-  pixelValues: Float32Array;
+  /** [B, 3, H, W] pixel values, B = number of prompts... */
+  pixelValues?: Float32Array;
+  /** ...or the image's language-model inputs [B, Q, D] computed before (e.g. once per chat). */
+  imageFeatures?: ort.Tensor;
   inputIds: number[][];
   attentionMask: number[][];
+}
+
+/** The projected queries for the images of `inputs`. */
+export async function imageFeatures(rt: Blip2Runtime, inputs: GenerateInputs): Promise<ort.Tensor> {
+  if (inputs.imageFeatures) return inputs.imageFeatures;
+  if (!inputs.pixelValues) throw new Blip2Error("generate needs pixel values or image features");
+  return (await rt.image(inputs.pixelValues, inputs.inputIds.length)).language_model_inputs!;
 }
 
 export interface GenerateHooks {
@@ -29,8 +39,7 @@ export interface GenerateHooks {
 
 export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, hooks: GenerateHooks = {}): Promise<SearchResult> {
   const batch = inputs.inputIds.length;
-  const image = await rt.image(inputs.pixelValues, batch);
-  const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, image.language_model_inputs!);
+  const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, await imageFeatures(rt, inputs));
   // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent.
   const copies = g.numBeams > 1 ? g.numBeams : g.numReturnSequences;
   const rows = repeatRows(Array.from({ length: batch }, (_, i) => i), copies);

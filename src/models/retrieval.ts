@@ -30,6 +30,7 @@ export function retrievalImageGraph(ckpt: Checkpoint): Graph {
   const vision = visionEncoder(root.at("vision_model"), cfg.vision, pixels);
   const queries = queryOutputs(root, cfg, vision.lastHiddenState).lastHiddenState;
   g.output(vision.lastHiddenState, "vision_last_hidden_state");
+  g.output(vision.poolerOutput, "vision_pooler_output");
   g.output(queries, "qformer_last_hidden_state");
   g.output(normalize(linearLayer(root.at("vision_projection"), queries, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize)), "image_embeds");
   return g;

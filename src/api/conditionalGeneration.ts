@@ -1,0 +1,116 @@
+/**
+ * Blip2ForConditionalGeneration: the public model class, as transformers / transformers.js users
+ * know it: `fromPretrained(src)`, `generate({...inputs, ...options})`, plus a token stream.
+ */
+import type * as ort from "onnxruntime-node";
+import { Blip2Error } from "../errors.js";
+import { generateIds, type GenerateInputs } from "../generation/generate.js";
+import { generationDefaults, resolveGeneration, type GenerationOptions } from "../generation/options.js";
+import type { SearchResult } from "../generation/search.js";
+import { resolveModel, type HubOptions } from "../hub/download.js";
+import { Checkpoint } from "../io/checkpoint.js";
+import type { ProcessorLoadOptions } from "../processor.js";
+import { Blip2Runtime } from "../runtime/blip2Runtime.js";
+import type { Device } from "../runtime/session.js";
+
+export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
+  /** Weight precision (this build runs float32). */
+  dtype?: "fp32";
+  device?: Device;
+  /** Threads per ONNX Runtime session (default: one per core). */
+  threads?: number;
+}
+
+export interface GenerateArgs extends GenerateInputs, GenerationOptions {
+  /** Called after each step with the new token of every row (greedy and sampling). */
+  onToken?: (tokens: number[], finished: boolean[]) => void | Promise<void>;
+}
+
+export class Blip2ForConditionalGeneration {
+  private readonly defaults: ReturnType<typeof generationDefaults>;
+
+  private constructor(
+    readonly checkpoint: Checkpoint,
+    private readonly runtime: Blip2Runtime,
+  ) {
+    this.defaults = generationDefaults(checkpoint.json("generation_config.json"), checkpoint.file("generation_config.json"));
+  }
+
+  /** Load from a local folder or a Hub model id ("Salesforce/blip2-opt-2.7b"). */
+  static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForConditionalGeneration> {
+    if (options.dtype && options.dtype !== "fp32") throw new Blip2Error(`dtype ${JSON.stringify(options.dtype)} is not supported (supported: "fp32")`);
+    const checkpoint = Checkpoint.open(await resolveModel(src, options));
+    if (checkpoint.config.architectures.includes("Blip2ForImageTextRetrieval")) {
+      throw new Blip2Error(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`);
+    }
+    return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, { device: options.device, threads: options.threads }));
+  }
+
+  get config() {
+    return this.checkpoint.config;
+  }
+
+  /**
+   * Generated ids per prompt (per returned sequence): for OPT the prompt ids followed by the new
+   * tokens, for T5 the decoder start token followed by the new tokens (transformers 5 convention).
+   */
+  async generate(args: GenerateArgs): Promise<number[][]> {
+    return (await this.generateWithScores(args)).sequences;
+  }
+
+  /** Like `generate`, also returning beam scores (beam search). */
+  async generateWithScores(args: GenerateArgs): Promise<SearchResult> {
+    const g = resolveGeneration(args, this.defaults, this.config);
+    checkInputs(args);
+    return generateIds(this.runtime, args, g, { onToken: args.onToken });
+  }
+
+  /** The new tokens as they are generated: one array per step with a token per prompt. */
+  async *stream(args: GenerateArgs): AsyncGenerator<number[]> {
+    const g = resolveGeneration(args, this.defaults, this.config);
+    if (g.numBeams > 1) throw new Blip2Error("streaming works with greedy search and sampling, not beam search (numBeams > 1)");
+    checkInputs(args);
+    const queue: number[][] = [];
+    let wake: (() => void) | null = null;
+    let done = false;
+    let failure: unknown = null;
+    const push = (tokens: number[]) => {
+      queue.push(tokens);
+      wake?.();
+    };
+    generateIds(this.runtime, args, g, { onToken: (t) => push(t) })
+      .catch((err) => (failure = err))
+      .finally(() => {
+        done = true;
+        wake?.();
+      });
+    while (true) {
+      if (queue.length) {
+        yield queue.shift()!;
+        continue;
+      }
+      if (done) break;
+      await new Promise<void>((resolve) => (wake = resolve));
+      wake = null;
+    }
+    if (failure) throw failure;
+  }
+
+  /** The image's projected queries [B, Q, D], to reuse across several prompts about the same image. */
+  async imageFeatures(pixelValues: Float32Array, batch: number): Promise<ort.Tensor> {
+    return (await this.runtime.image(pixelValues, batch)).language_model_inputs!;
+  }
+
+  /** Frees the ONNX Runtime sessions. */
+  dispose(): Promise<void> {
+    return this.runtime.release();
+  }
+}
+
+function checkInputs(args: GenerateInputs): void {
+  const width = args.inputIds[0]?.length;
+  if (!args.inputIds.length || width === undefined) throw new Blip2Error("generate needs inputIds (use Blip2Processor to prepare them)");
+  if (args.inputIds.some((r) => r.length !== width) || args.attentionMask.length !== args.inputIds.length || args.attentionMask.some((r) => r.length !== width)) {
+    throw new Blip2Error("generate: inputIds and attentionMask must be rectangular and of the same shape (pad the batch)");
+  }
+}

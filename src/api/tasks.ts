@@ -1,0 +1,164 @@
+/**
+ * The tasks of the BLIP-2 demo in one call each: zero-shot and prompted captioning, visual question
+ * answering, multi-turn chat kept inside the language model's context window, and an
+ * `image-to-text` pipeline as transformers.js offers it.
+ */
+import type * as ort from "onnxruntime-node";
+import { Blip2Error } from "../errors.js";
+import type { GenerationOptions } from "../generation/options.js";
+import type { ImageInput } from "../image/decode.js";
+import { Blip2Processor } from "../processor.js";
+import { Blip2ForConditionalGeneration, type ModelLoadOptions } from "./conditionalGeneration.js";
+
+export interface CaptionOptions extends GenerationOptions {
+  /** Text the caption continues, e.g. "this is a cartoon of" (default: none). */
+  prompt?: string;
+  onToken?: (tokens: number[], finished: boolean[]) => void | Promise<void>;
+}
+
+export interface CaptionResult {
+  /** What `generate` returned (see Blip2ForConditionalGeneration.generate). */
+  ids: number[];
+  /** transformers' decode of `ids` with special tokens skipped (includes an OPT prompt). */
+  text: string;
+  /** The generated words only, trimmed. */
+  caption: string;
+}
+
+/** The Visual Question Answering prompt of the BLIP-2 paper and demo. */
+export const vqaPrompt = (question: string) => `Question: ${question} Answer:`;
+
+export class Blip2 {
+  constructor(
+    readonly processor: Blip2Processor,
+    readonly model: Blip2ForConditionalGeneration,
+  ) {}
+
+  static async load(src: string, options: ModelLoadOptions = {}): Promise<Blip2> {
+    const model = await Blip2ForConditionalGeneration.fromPretrained(src, options);
+    return new Blip2(await Blip2Processor.fromDirectory(model.checkpoint.dir, model.config, options), model);
+  }
+
+  /** Caption one image (zero-shot, or continuing `options.prompt`). */
+  async caption(image: ImageInput, options: CaptionOptions = {}): Promise<string> {
+    return (await this.captionAll([image], options))[0]!.caption;
+  }
+
+  /** Caption several images in one batch (one result per returned sequence). */
+  async captionAll(images: ImageInput[], options: CaptionOptions = {}): Promise<CaptionResult[]> {
+    const inputs = await this.processor.process({ images, text: options.prompt ?? "", paddingSide: "left" });
+    const ids = await this.model.generate({ ...options, pixelValues: inputs.pixelValues, inputIds: inputs.inputIds, attentionMask: inputs.attentionMask });
+    const perPrompt = ids.length / inputs.inputIds.length;
+    return ids.map((seq, i) => this.result(seq, inputs.inputIds[Math.floor(i / perPrompt)]!));
+  }
+
+  /** Answer a question about an image (the prompt `Question: {q} Answer:`). */
+  async ask(image: ImageInput, question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken"> = {}): Promise<string> {
+    return this.caption(image, { ...options, prompt: vqaPrompt(question) });
+  }
+
+  /** A conversation about one image. */
+  async chat(image: ImageInput, options: ChatOptions = {}): Promise<Chat> {
+    const { pixelValues } = await this.processor.imageProcessor.preprocess([image]);
+    return new Chat(this, await this.model.imageFeatures(pixelValues, 1), options);
+  }
+
+  /** The new words of a generated sequence, decoded. */
+  result(ids: number[], promptIds: number[]): CaptionResult {
+    const text = this.processor.decode(ids, { skipSpecialTokens: true });
+    const fresh = this.model.config.text.modelType === "opt" ? ids.slice(promptIds.length) : ids;
+    return { ids, text, caption: this.processor.decode(fresh, { skipSpecialTokens: true }).trim() };
+  }
+
+  dispose(): Promise<void> {
+    return this.model.dispose();
+  }
+}
+
+export interface ChatOptions {
+  /** Tokens the language model may see: image tokens + prompt + tokens to generate (default 512). */
+  contextWindow?: number;
+  /** Told how many of the oldest turns were dropped to fit the window. */
+  onDrop?: (droppedTurns: number) => void;
+}
+
+export interface Turn {
+  question: string;
+  answer: string;
+}
+
+export interface ChatReply {
+  answer: string;
+  /** Oldest turns left out of this prompt to stay within the window. */
+  droppedTurns: number;
+}
+
+/**
+ * Multi-turn VQA as in the BLIP-2 demo: the prompt is the earlier turns as
+ * `Question: {q} Answer: {a}.` followed by ` Question: {q} Answer:`. When the prompt, the image
+ * tokens and the tokens to generate would exceed the window, the oldest turns are dropped (and
+ * reported); a question that cannot fit even alone is an error.
+ */
+export class Chat {
+  readonly history: Turn[] = [];
+  readonly contextWindow: number;
+
+  constructor(
+    private readonly blip2: Blip2,
+    private readonly imageFeatures: ort.Tensor,
+    private readonly options: ChatOptions,
+  ) {
+    this.contextWindow = options.contextWindow ?? 512;
+  }
+
+  /** The prompt for `question` under the window, and how many old turns it leaves out. */
+  prompt(question: string, maxNewTokens: number): { text: string; inputIds: number[]; droppedTurns: number } {
+    const processor = this.blip2.processor;
+    // Legacy checkpoints put the queries in front of the text instead of image tokens: count them too.
+    const extra = processor.numQueryTokens === null ? this.blip2.model.config.numQueryTokens : 0;
+    for (let dropped = 0; dropped <= this.history.length; dropped++) {
+      const text = [...this.history.slice(dropped).map((t) => `${vqaPrompt(t.question)} ${t.answer}.`), vqaPrompt(question)].join(" ");
+      const inputIds = processor.tokenize([text]).inputIds[0]!;
+      if (inputIds.length + extra + maxNewTokens <= this.contextWindow) return { text, inputIds, droppedTurns: dropped };
+    }
+    const alone = processor.tokenize([vqaPrompt(question)]).inputIds[0]!.length + extra;
+    throw new Blip2Error(`the question does not fit the ${this.contextWindow}-token window: ${alone} prompt tokens (image tokens included) + ${maxNewTokens} to generate`);
+  }
+
+  async ask(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken"> = {}): Promise<ChatReply> {
+    const maxNewTokens = options.maxNewTokens ?? 30;
+    const { inputIds, droppedTurns } = this.prompt(question, maxNewTokens);
+    if (droppedTurns) this.options.onDrop?.(droppedTurns);
+    const [ids] = await this.blip2.model.generate({ ...options, maxNewTokens, numReturnSequences: 1, imageFeatures: this.imageFeatures, inputIds: [inputIds], attentionMask: [inputIds.map(() => 1)] });
+    const answer = this.blip2.result(ids!, inputIds).caption;
+    this.history.push({ question, answer });
+    return { answer, droppedTurns };
+  }
+
+  reset(): void {
+    this.history.length = 0;
+  }
+}
+
+export type ImageToTextOutput = { generated_text: string }[];
+
+export interface ImageToTextPipeline {
+  (images: ImageInput, options?: CaptionOptions): Promise<ImageToTextOutput>;
+  (images: ImageInput[], options?: CaptionOptions): Promise<ImageToTextOutput[]>;
+  readonly blip2: Blip2;
+  dispose(): Promise<void>;
+}
+
+/** transformers.js-style `pipeline("image-to-text", model)`: `[{ generated_text }]` per image. */
+export async function pipeline(task: "image-to-text", src: string, options: ModelLoadOptions = {}): Promise<ImageToTextPipeline> {
+  if (task !== "image-to-text") throw new Blip2Error(`pipeline: unsupported task ${JSON.stringify(task)} (supported: "image-to-text")`);
+  const blip2 = await Blip2.load(src, options);
+  const run = async (images: ImageInput | ImageInput[], opts: CaptionOptions = {}) => {
+    const list = Array.isArray(images) ? images : [images];
+    const results = await blip2.captionAll(list, opts);
+    const perImage = results.length / list.length;
+    const grouped = list.map((_, i) => results.slice(i * perImage, (i + 1) * perImage).map((r) => ({ generated_text: r.text })));
+    return Array.isArray(images) ? grouped : grouped[0]!;
+  };
+  return Object.assign(run, { blip2, dispose: () => blip2.dispose() }) as ImageToTextPipeline;
+}

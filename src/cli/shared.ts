@@ -1,0 +1,91 @@
+/** Options shared by the model commands: which model, how to run it, how to generate. */
+import { Blip2 } from "../api/tasks.js";
+import type { GenerationOptions } from "../generation/options.js";
+import type { Device } from "../runtime/session.js";
+import { intOption, numberOption, stringOption, UsageError, type Io, type OptionSpec, type ParsedArgs } from "./command.js";
+import { progressSink, type ProgressSink } from "./progress.js";
+
+export const DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b";
+
+export const modelOptions: OptionSpec = {
+  model: { type: "string", short: "m" },
+  revision: { type: "string" },
+  threads: { type: "string" },
+  device: { type: "string" },
+  "image-backend": { type: "string" },
+  quiet: { type: "boolean", short: "q" },
+};
+
+export const modelHelp = [
+  `--model, -m M            local folder or Hub model id (default ${DEFAULT_MODEL})`,
+  "--revision REV           Hub branch, tag or commit (default main)",
+  "--threads N              threads per ONNX Runtime session (default: all cores)",
+  "--device D               cpu (default), webgpu or cuda",
+  "--image-backend B       torchvision (transformers 5 resizing, default) or pil (transformers 4)",
+  "--quiet, -q              no progress bars",
+];
+
+export const generationOptionSpec: OptionSpec = {
+  "max-new-tokens": { type: "string" },
+  "min-new-tokens": { type: "string" },
+  "num-beams": { type: "string" },
+  "length-penalty": { type: "string" },
+  "num-return-sequences": { type: "string" },
+  "repetition-penalty": { type: "string" },
+  "no-repeat-ngram-size": { type: "string" },
+  temperature: { type: "string" },
+  "top-k": { type: "string" },
+  "top-p": { type: "string" },
+  seed: { type: "string" },
+};
+
+export const generationHelp = [
+  "--max-new-tokens N       tokens to generate at most (default 30)",
+  "--min-new-tokens N       tokens before the end token is allowed",
+  "--num-beams N            beam search with N beams",
+  "--length-penalty X       beam search length penalty (default 1)",
+  "--num-return-sequences N sequences per image (beams or samples)",
+  "--repetition-penalty X   penalize tokens already present (e.g. 1.5)",
+  "--no-repeat-ngram-size N never repeat an n-gram of this size",
+  "--temperature T          sample with this temperature",
+  "--top-k K, --top-p P     sample among the k best / the top-p mass",
+  "--seed S                 sampling seed (same seed, same text)",
+];
+
+export function generationFromArgs(args: ParsedArgs): GenerationOptions {
+  const o: GenerationOptions = {
+    maxNewTokens: intOption(args, "max-new-tokens", 1) ?? 30,
+    minNewTokens: intOption(args, "min-new-tokens", 0),
+    numBeams: intOption(args, "num-beams", 1),
+    lengthPenalty: numberOption(args, "length-penalty", () => true, "a number"),
+    numReturnSequences: intOption(args, "num-return-sequences", 1),
+    repetitionPenalty: numberOption(args, "repetition-penalty", (x) => x > 0, "a number > 0"),
+    noRepeatNgramSize: intOption(args, "no-repeat-ngram-size", 0),
+    temperature: numberOption(args, "temperature", (x) => x >= 0, "a number >= 0"),
+    topK: intOption(args, "top-k", 0),
+    topP: numberOption(args, "top-p", (x) => x > 0 && x <= 1, "a number in (0, 1]"),
+    seed: intOption(args, "seed", 0),
+  };
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));
+}
+
+export interface LoadedModel {
+  blip2: Blip2;
+  progress: ProgressSink;
+}
+
+export async function loadModel(args: ParsedArgs, io: Io): Promise<LoadedModel> {
+  const progress = progressSink(io.stderr, args.values.quiet === true);
+  const device = stringOption(args, "device");
+  if (device !== undefined && !["cpu", "webgpu", "cuda"].includes(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
+  const imageBackend = stringOption(args, "image-backend");
+  if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
+  const blip2 = await Blip2.load(stringOption(args, "model") ?? process.env.BLIP2_MODEL ?? DEFAULT_MODEL, {
+    revision: stringOption(args, "revision"),
+    threads: intOption(args, "threads", 1),
+    device: device as Device | undefined,
+    imageBackend,
+    progress: (p) => progress.download(p),
+  });
+  return { blip2, progress };
+}

@@ -1,0 +1,124 @@
+/**
+ * The public API end to end (processor from image files, model, decode) against transformers'
+ * generate: every tiny 5.17 case, the batch and the legacy entries; the task helpers; chat.
+ */
+import fs from "node:fs";
+import { afterAll, describe, expect, it } from "vitest";
+import { Blip2, Blip2ForConditionalGeneration, Blip2Processor, pipeline, type GenerationOptions } from "../src/index.js";
+import { fixture } from "./helpers.js";
+
+const loaded: { dispose(): Promise<void> }[] = [];
+afterAll(async () => Promise.all(loaded.map((m) => m.dispose())));
+const keep = <T extends { dispose(): Promise<void> }>(m: T) => (loaded.push(m), m);
+const reference = (name: string) => JSON.parse(fs.readFileSync(fixture(name, "reference.json"), "utf8"));
+
+const SETTINGS: [string, string, GenerationOptions][] = [
+  ["greedy_ids", "greedy_text", { maxNewTokens: 10 }],
+  ["greedy_min10_ids", "", { maxNewTokens: 10, minNewTokens: 10 }],
+  ["beam3_ids", "beam3_text", { maxNewTokens: 10, numBeams: 3, minNewTokens: 3 }],
+  ["repetition_penalty_1.5_ids", "", { maxNewTokens: 10, minNewTokens: 10, repetitionPenalty: 1.5 }],
+];
+
+describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s through the API", (name) => {
+  const ref = reference(name);
+  const blip2 = Blip2.load(fixture(name)).then(keep);
+
+  it.each(["0", "1", "2"])("case %s: ids and texts of every generation setting", async (c) => {
+    const b = await blip2;
+    for (const [idsKey, textKey, options] of SETTINGS) {
+      const [r] = await b.captionAll([fixture("image0.png")], { ...options, prompt: ref.prompts[Number(c)] });
+      expect(r!.ids, `${idsKey}`).toEqual(ref.cases[c][idsKey]);
+      if (textKey) expect(r!.text, textKey).toBe(ref.cases[c][textKey][0]);
+    }
+  });
+
+  it("batch: two images, two prompts, left padding after the image tokens", async () => {
+    const b = await blip2;
+    const inputs = await b.processor.process({ images: [fixture("image0.png"), fixture("image1.png")], text: ref.batch.prompts, paddingSide: "left" });
+    expect(inputs.inputIds).toEqual(ref.batch.input_ids);
+    expect(inputs.attentionMask).toEqual(ref.batch.attention_mask);
+    const ids = await b.model.generate({ ...inputs, maxNewTokens: 8, minNewTokens: 8 });
+    expect(ids).toEqual(ref.batch.greedy_ids);
+    expect(b.processor.batchDecode(ids, { skipSpecialTokens: true })).toHaveLength(2);
+  });
+
+  it("legacy prompt ids (a processor without num_query_tokens)", async () => {
+    const b = await blip2;
+    const legacy = new Blip2Processor(b.processor.imageProcessor, b.processor.tokenizer, null, null);
+    const inputs = await legacy.process({ images: fixture("image0.png"), text: ref.prompts[2] });
+    expect(inputs.inputIds).toEqual(ref.legacy.input_ids);
+    expect(await b.model.generate({ ...inputs, maxNewTokens: 8 })).toEqual(ref.legacy.greedy_ids);
+  });
+
+  it("streaming yields the tokens generate returns", async () => {
+    const b = await blip2;
+    const inputs = await b.processor.process({ images: fixture("image0.png"), text: ref.prompts[1] });
+    const streamed: number[] = [];
+    for await (const step of b.model.stream({ ...inputs, maxNewTokens: 10 })) streamed.push(step[0]!);
+    const [ids] = await b.model.generate({ ...inputs, maxNewTokens: 10 });
+    expect(streamed).toEqual(ids!.slice(ids!.length - streamed.length));
+    expect(streamed).toHaveLength(10);
+  });
+});
+
+describe("task helpers", () => {
+  const ref = reference("tiny-blip2-opt");
+  const blip2 = Blip2.load(fixture("tiny-blip2-opt")).then(keep);
+
+  it("caption and ask return the generated words only", async () => {
+    const b = await blip2;
+    expect(await b.caption(fixture("image0.png"), { maxNewTokens: 10 })).toBe(ref.cases["0"].greedy_text[0].trim());
+    const answer = await b.ask(fixture("image0.png"), "what color is the circle?", { maxNewTokens: 10 });
+    expect(answer).toBe(b.processor.decode(ref.cases["2"].greedy_ids.slice(15), { skipSpecialTokens: true }).trim());
+  });
+
+  it("pipeline('image-to-text') returns [{ generated_text }]", async () => {
+    const pipe = keep(await pipeline("image-to-text", fixture("tiny-blip2-opt")));
+    expect(await pipe(fixture("image0.png"), { maxNewTokens: 10, prompt: ref.prompts[1] })).toEqual([{ generated_text: ref.cases["1"].greedy_text[0] }]);
+    const two = await pipe([fixture("image0.png"), fixture("image0.png")], { maxNewTokens: 10 });
+    expect(two).toEqual([[{ generated_text: ref.cases["0"].greedy_text[0] }], [{ generated_text: ref.cases["0"].greedy_text[0] }]]);
+  });
+
+  it("a retrieval checkpoint is refused with a clear message", async () => {
+    await expect(Blip2ForConditionalGeneration.fromPretrained(fixture("tiny-blip2-itm"))).rejects.toThrow(/image-text retrieval checkpoint/);
+  });
+});
+
+describe("chat", () => {
+  const blip2 = Blip2.load(fixture("tiny-blip2-opt")).then(keep);
+
+  it("30 turns: the prompt never exceeds the window and the newest turn is always kept", async () => {
+    const b = await blip2;
+    const window = 64;
+    const maxNewTokens = 6;
+    const dropped: number[] = [];
+    const chat = await b.chat(fixture("image0.png"), { contextWindow: window, onDrop: (n) => dropped.push(n) });
+    for (let turn = 0; turn < 30; turn++) {
+      const question = `what is in picture ${turn}?`;
+      const prompt = chat.prompt(question, maxNewTokens);
+      expect(prompt.inputIds.length + maxNewTokens).toBeLessThanOrEqual(window);
+      expect(prompt.text.endsWith(`Question: ${question} Answer:`)).toBe(true);
+      expect(prompt.inputIds.slice(0, 4)).toEqual([400, 400, 400, 400]);
+      const reply = await chat.ask(question, { maxNewTokens });
+      expect(reply.droppedTurns).toBe(prompt.droppedTurns);
+      expect(chat.history.at(-1)).toEqual({ question, answer: reply.answer });
+    }
+    expect(dropped.length).toBeGreaterThan(0);
+    expect(chat.history).toHaveLength(30);
+  });
+
+  it("history is formatted as the BLIP-2 demo does", async () => {
+    const b = await blip2;
+    const chat = await b.chat(fixture("image0.png"));
+    chat.history.push({ question: "what is it?", answer: "a circle" });
+    expect(chat.prompt("what color?", 10).text).toBe("Question: what is it? Answer: a circle. Question: what color? Answer:");
+    chat.reset();
+    expect(chat.prompt("what color?", 10).text).toBe("Question: what color? Answer:");
+  });
+
+  it("a question that cannot fit is an error, never cut", async () => {
+    const b = await blip2;
+    const chat = await b.chat(fixture("image0.png"), { contextWindow: 20 });
+    await expect(chat.ask("why ".repeat(40), { maxNewTokens: 5 })).rejects.toThrow(/does not fit the 20-token window/);
+  });
+});
