@@ -58,8 +58,12 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Runs the CLI in-process with captured output. */
+/** Runs the CLI in-process with captured output (and `input` as stdin, see cliWithInput). */
 export async function cli(...argv: string[]): Promise<CliResult> {
+  return cliWithInput("", ...argv);
+}
+
+export async function cliWithInput(input: string, ...argv: string[]): Promise<CliResult> {
   const { run } = await import("../src/cli/run.js");
   const collect = () => {
     const s = new PassThrough();
@@ -70,7 +74,7 @@ export async function cli(...argv: string[]): Promise<CliResult> {
   const out = collect();
   const err = collect();
   const stdin = new PassThrough();
-  stdin.end();
+  stdin.end(input);
   const code = await run(argv, { stdout: out.s, stderr: err.s, stdin });
   return { code, stdout: out.text(), stderr: err.text() };
 }

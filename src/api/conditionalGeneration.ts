@@ -61,7 +61,7 @@ export class Blip2ForConditionalGeneration {
   /** Like `generate`, also returning beam scores (beam search). */
   async generateWithScores(args: GenerateArgs): Promise<SearchResult> {
     const g = resolveGeneration(args, this.defaults, this.config);
-    checkInputs(args);
+    this.checkInputs(args, g.maxNewTokens);
     return generateIds(this.runtime, args, g, { onToken: args.onToken });
   }
 
@@ -69,7 +69,7 @@ export class Blip2ForConditionalGeneration {
   async *stream(args: GenerateArgs): AsyncGenerator<number[]> {
     const g = resolveGeneration(args, this.defaults, this.config);
     if (g.numBeams > 1) throw new Blip2Error("streaming works with greedy search and sampling, not beam search (numBeams > 1)");
-    checkInputs(args);
+    this.checkInputs(args, g.maxNewTokens);
     const queue: number[][] = [];
     let wake: (() => void) | null = null;
     let done = false;
@@ -101,16 +101,25 @@ export class Blip2ForConditionalGeneration {
     return (await this.runtime.image(pixelValues, batch)).language_model_inputs!;
   }
 
+  private checkInputs(args: GenerateInputs, maxNewTokens: number): void {
+    const width = args.inputIds[0]?.length;
+    if (!args.inputIds.length || width === undefined) throw new Blip2Error("generate needs inputIds (use Blip2Processor to prepare them)");
+    if (args.inputIds.some((r) => r.length !== width) || args.attentionMask.length !== args.inputIds.length || args.attentionMask.some((r) => r.length !== width)) {
+      throw new Blip2Error("generate: inputIds and attentionMask must be rectangular and of the same shape (pad the batch)");
+    }
+    const text = this.config.text;
+    if (text.modelType !== "opt") return;
+    // OPT's learned positions end at max_position_embeddings; legacy prompts also carry the queries.
+    const queries = this.config.imageTokenIndex === null ? this.config.numQueryTokens : 0;
+    const needed = width + queries + maxNewTokens;
+    if (needed > text.maxPositionEmbeddings) {
+      throw new Blip2Error(`prompt too long: ${width + queries} prompt tokens (image tokens included) + ${maxNewTokens} new tokens exceed the language model's ${text.maxPositionEmbeddings} positions`);
+    }
+  }
+
   /** Frees the ONNX Runtime sessions. */
   dispose(): Promise<void> {
     return this.runtime.release();
   }
 }
 
-function checkInputs(args: GenerateInputs): void {
-  const width = args.inputIds[0]?.length;
-  if (!args.inputIds.length || width === undefined) throw new Blip2Error("generate needs inputIds (use Blip2Processor to prepare them)");
-  if (args.inputIds.some((r) => r.length !== width) || args.attentionMask.length !== args.inputIds.length || args.attentionMask.some((r) => r.length !== width)) {
-    throw new Blip2Error("generate: inputIds and attentionMask must be rectangular and of the same shape (pad the batch)");
-  }
-}

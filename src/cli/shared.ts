@@ -21,7 +21,7 @@ export const modelHelp = [
   "--revision REV           Hub branch, tag or commit (default main)",
   "--threads N              threads per ONNX Runtime session (default: all cores)",
   "--device D               cpu (default), webgpu or cuda",
-  "--image-backend B       torchvision (transformers 5 resizing, default) or pil (transformers 4)",
+  "--image-backend B        torchvision (transformers 5 resizing, default) or pil (transformers 4)",
   "--quiet, -q              no progress bars",
 ];
 
