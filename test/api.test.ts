@@ -122,3 +122,43 @@ describe("chat", () => {
     await expect(chat.ask("why ".repeat(40), { maxNewTokens: 5 })).rejects.toThrow(/does not fit the 20-token window/);
   });
 });
+
+describe("hf-4.45 generation through the API (Pillow resizing, as transformers 4 did)", () => {
+  const images = [fixture("hf-4.45", "images", "img0.png"), fixture("hf-4.45", "images", "img1.png")];
+  it.each(["opt", "t5"])("%s: greedy, caption and beam sequences", async (variant) => {
+    const ref = JSON.parse(fs.readFileSync(fixture("hf-4.45", variant, "reference.json"), "utf8"));
+    const b = keep(await Blip2.load(fixture("hf-4.45", variant), { imageBackend: "pil" }));
+    // transformers 4.45 returned [bos] + new tokens for OPT; we return prompt + new tokens.
+    const as445 = (r: { ids: number[] }, prompt: number) => (variant === "opt" ? [2, ...r.ids.slice(prompt)] : r.ids);
+    const runs: [string, string | undefined, GenerationOptions][] = [["greedy", ref.prompt, {}], ["caption_greedy", undefined, {}], ["beam", ref.prompt, { numBeams: 3 }]];
+    for (const [key, prompt, options] of runs) {
+      const results = await b.captionAll(images, { ...options, prompt, maxNewTokens: 8 });
+      const promptLength = (prompt === undefined ? ref.caption_input_ids : ref.input_ids)[0].length;
+      expect(results.map((r) => as445(r, promptLength)), key).toEqual(ref.generation[key].sequences);
+      expect(results.map((r) => r.caption), key).toEqual(ref.generation[key].decoded.map((t: string) => t.trim()));
+    }
+  });
+});
+
+describe("loading from the Hub (a local fake Hub on 127.0.0.1)", () => {
+  it("downloads into the cache with progress, then loads offline", async () => {
+    const { startFakeHub, readFolder } = await import("./hubServer.js");
+    const os = await import("node:os");
+    const path = await import("node:path");
+    const hub = await startFakeHub([{ id: "tiny/blip2-opt", revisions: { main: readFolder(fixture("tiny-blip2-opt")) } }]);
+    const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-cache-"));
+    try {
+      const seen = new Set<string>();
+      const b = keep(await Blip2.load("tiny/blip2-opt", { endpoint: hub.url, cacheDir, progress: (p) => void (p.done && seen.add(p.file)) }));
+      expect(seen.has("model.safetensors")).toBe(true);
+      expect(b.model.checkpoint.dir).toContain(path.join(cacheDir, "models--tiny--blip2-opt", "snapshots"));
+      const ref = reference("tiny-blip2-opt");
+      expect((await b.captionAll([fixture("image0.png")], { maxNewTokens: 10 }))[0]!.ids).toEqual(ref.cases["0"].greedy_ids);
+      const requests = hub.log.length;
+      keep(await Blip2.load("tiny/blip2-opt", { cacheDir, offline: true }));
+      expect(hub.log.length).toBe(requests);
+    } finally {
+      await hub.close();
+    }
+  });
+});

@@ -133,3 +133,21 @@ describe("bad input", () => {
     }
   });
 });
+
+describe("blip2 caption --json on the hf-4.45 set (--image-backend pil)", () => {
+  it.each(["opt", "t5"])("%s: greedy, caption and beam sequences", async (variant) => {
+    const ref = JSON.parse(fs.readFileSync(fixture("hf-4.45", variant, "reference.json"), "utf8"));
+    const images = [fixture("hf-4.45", "images", "img0.png"), fixture("hf-4.45", "images", "img1.png")];
+    const runs: [string, string[], number][] = [
+      ["greedy", ["--prompt", ref.prompt], ref.input_ids[0].length],
+      ["caption_greedy", [], ref.caption_input_ids[0].length],
+      ["beam", ["--prompt", ref.prompt, "--num-beams", "3"], ref.input_ids[0].length],
+    ];
+    for (const [key, flags, promptLength] of runs) {
+      const r = await cli("caption", "-m", fixture("hf-4.45", variant), "--image-backend", "pil", "--json", "--max-new-tokens", "8", ...flags, ...images);
+      expect(r.code, r.stderr).toBe(0);
+      const ids = lines(r.stdout).map((o) => (variant === "opt" ? [2, ...o.ids.slice(promptLength)] : o.ids));
+      expect(ids, key).toEqual(ref.generation[key].sequences);
+    }
+  });
+});
