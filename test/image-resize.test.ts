@@ -132,16 +132,4 @@ describe("resize basics", () => {
     expect(() => resize(src, 4, 2.5, 3)).toThrow(/positive integers/);
     expect(() => resize(src, 8, 8, 7)).toThrow(/unsupported resample filter 7/);
   });
-
-  it("is fast enough for a 4000x3000 photo", () => {
-    const w = 4000;
-    const h = 3000;
-    const data = new Uint8Array(w * h * 3);
-    for (let i = 0; i < data.length; i++) data[i] = (i * 2654435761) >>> 24;
-    const t0 = performance.now();
-    const out = resize({ data, width: w, height: h }, 384, 384, 3);
-    const ms = performance.now() - t0;
-    expect([out.width, out.height]).toEqual([384, 384]);
-    expect(ms).toBeLessThan(10_000);
-  });
 });
