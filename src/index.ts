@@ -1,4 +1,5 @@
 /** blip2: BLIP-2 in TypeScript on ONNX Runtime. */
+export { Blip2ForImageTextRetrieval, type Embeddings, type MatchResult, type RetrievalOptions } from "./api/retrieval.js";
 export { Blip2ForConditionalGeneration, type GenerateArgs, type ModelLoadOptions } from "./api/conditionalGeneration.js";
 export { Blip2, Chat, pipeline, vqaPrompt, type CaptionOptions, type CaptionResult, type ChatOptions, type ChatReply, type ImageToTextPipeline, type Turn } from "./api/tasks.js";
 export { Blip2Error } from "./errors.js";

@@ -5,8 +5,11 @@ import { ask } from "./commands/ask.js";
 import { caption } from "./commands/caption.js";
 import { chat } from "./commands/chat.js";
 import { dump } from "./commands/dump.js";
+import { index } from "./commands/index.js";
+import { match } from "./commands/match.js";
+import { search } from "./commands/search.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, dump];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, dump];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

@@ -1,4 +1,5 @@
 /** Options shared by the model commands: which model, how to run it, how to generate. */
+import type { ModelLoadOptions } from "../api/conditionalGeneration.js";
 import { Blip2 } from "../api/tasks.js";
 import type { GenerationOptions } from "../generation/options.js";
 import type { Device } from "../runtime/session.js";
@@ -74,18 +75,25 @@ export interface LoadedModel {
   progress: ProgressSink;
 }
 
-export async function loadModel(args: ParsedArgs, io: Io): Promise<LoadedModel> {
+/** Hub, runtime and preprocessing options from the command line. */
+export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & { progressSink: ProgressSink } {
   const progress = progressSink(io.stderr, args.values.quiet === true);
   const device = stringOption(args, "device");
   if (device !== undefined && !["cpu", "webgpu", "cuda"].includes(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   const imageBackend = stringOption(args, "image-backend");
   if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
-  const blip2 = await Blip2.load(stringOption(args, "model") ?? process.env.BLIP2_MODEL ?? DEFAULT_MODEL, {
+  return {
     revision: stringOption(args, "revision"),
     threads: intOption(args, "threads", 1),
     device: device as Device | undefined,
     imageBackend,
     progress: (p) => progress.download(p),
-  });
-  return { blip2, progress };
+    progressSink: progress,
+  };
+}
+
+export async function loadModel(args: ParsedArgs, io: Io): Promise<LoadedModel> {
+  const options = modelLoadOptions(args, io);
+  const blip2 = await Blip2.load(stringOption(args, "model") ?? process.env.BLIP2_MODEL ?? DEFAULT_MODEL, options);
+  return { blip2, progress: options.progressSink };
 }

@@ -3,6 +3,7 @@
  * by `model.safetensors.index.json`, and the processor/tokenizer/generation files beside them.
  * Only safetensors headers are read here; tensor bytes stay in their files.
  */
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { parseBlip2Config, type Blip2Config } from "../config.js";
@@ -35,6 +36,27 @@ export class Checkpoint {
   /** The same weights under a modified config (e.g. to run a checkpoint the legacy way). */
   withConfig(patch: Partial<Blip2Config>): Checkpoint {
     return new Checkpoint(this.dir, { ...this.config, ...patch }, this.tensors);
+  }
+
+  /**
+   * Identifies the model by content, whatever folder or Hub id it was loaded from: a hash of
+   * config.json and of every weight file's header and size.
+   */
+  fingerprint(): string {
+    const hash = createHash("sha256").update(fs.readFileSync(this.file("config.json")));
+    const files = [...new Set([...this.tensors.values()].map((t) => t.file))].sort((a, b) => path.basename(a).localeCompare(path.basename(b)));
+    for (const file of files) {
+      const first = [...this.tensors.values()].reduce((min, t) => (t.file === file ? Math.min(min, t.offset) : min), Infinity);
+      const fd = fs.openSync(file, "r");
+      try {
+        const header = Buffer.alloc(first);
+        fs.readSync(fd, header, 0, first, 0);
+        hash.update(header).update(String(fs.fstatSync(fd).size));
+      } finally {
+        fs.closeSync(fd);
+      }
+    }
+    return hash.digest("hex").slice(0, 32);
   }
 
   /** Absolute path of a file in the checkpoint folder. */

@@ -1,0 +1,154 @@
+/**
+ * The image index in SQLite (better-sqlite3): one row per image with its file stamp and embedding,
+ * and the model it was built with. Searching scores a contiguous copy of the embeddings kept beside
+ * the database (`<db>.itc`), rebuilt when the index has changed since it was written.
+ */
+import Database from "better-sqlite3";
+import fs from "node:fs";
+import path from "node:path";
+import { Blip2Error, describeError } from "../errors.js";
+import { ItcScorer, readMatrixHeader, topK, writeMatrix } from "./itcMatrix.js";
+import type { FileStamp, Hit, ImageRecord, ImageStore, IndexedModel } from "./store.js";
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+  id INTEGER PRIMARY KEY,
+  path TEXT UNIQUE NOT NULL,
+  size INTEGER NOT NULL,
+  mtime_ms REAL NOT NULL,
+  sha256 TEXT NOT NULL,
+  embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
+`;
+
+type Row = { path: string; size: number; mtime_ms: number; sha256: string };
+
+export class SqliteStore implements ImageStore {
+  private scorer: { generation: number; scorer: ItcScorer; paths: string[] } | null = null;
+
+  private constructor(
+    private readonly db: Database.Database,
+    readonly file: string,
+    readonly model: IndexedModel,
+  ) {}
+
+  static open(file: string, model: IndexedModel | null, create: boolean): SqliteStore {
+    const exists = fs.existsSync(file);
+    if (!exists && !create) throw new Blip2Error(`${file}: no such index (build one with 'blip2 index')`);
+    let db: Database.Database;
+    try {
+      db = new Database(file);
+      db.pragma("journal_mode = WAL");
+      db.exec(SCHEMA);
+    } catch (err) {
+      throw new Blip2Error(`${file}: cannot open the index database (${describeError(err)})`);
+    }
+    const stored = readModel(db);
+    if (stored && model && stored.fingerprint !== model.fingerprint) {
+      db.close();
+      throw new Blip2Error(`${file}: this index was built with model ${stored.id}; refusing to use it with ${model.id} (a different model): use another --db`);
+    }
+    if (!stored) {
+      if (!model) throw new Blip2Error(`${file}: the index records no model`);
+      const put = db.prepare("INSERT INTO meta (key, value) VALUES (?, ?)");
+      db.transaction(() => {
+        for (const [k, v] of Object.entries({ ...model, generation: 0 })) put.run(k, String(v));
+      })();
+    }
+    return new SqliteStore(db, path.resolve(file), stored ?? model!);
+  }
+
+  files(): Map<string, FileStamp> {
+    const rows = this.db.prepare("SELECT path, size, mtime_ms, sha256 FROM images").all() as Row[];
+    return new Map(rows.map((r) => [r.path, { size: r.size, mtimeMs: r.mtime_ms, sha256: r.sha256 }]));
+  }
+
+  embeddingByHash(sha256: string): Float32Array | undefined {
+    const row = this.db.prepare("SELECT embedding FROM images WHERE sha256 = ? LIMIT 1").get(sha256) as { embedding: Buffer } | undefined;
+    return row ? toFloats(row.embedding) : undefined;
+  }
+
+  upsert(records: ImageRecord[]): void {
+    const expected = this.model.numQueries * this.model.dim;
+    const put = this.db.prepare(
+      "INSERT INTO images (path, size, mtime_ms, sha256, embedding) VALUES (@path, @size, @mtimeMs, @sha256, @embedding) " +
+        "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ms = excluded.mtime_ms, sha256 = excluded.sha256, embedding = excluded.embedding",
+    );
+    this.db.transaction(() => {
+      for (const r of records) {
+        if (r.embedding.length !== expected) throw new Blip2Error(`internal: embedding of ${r.embedding.length} values, expected ${expected}`);
+        put.run({ ...r, embedding: Buffer.from(r.embedding.buffer, r.embedding.byteOffset, r.embedding.byteLength) });
+      }
+      if (records.length) this.bumpGeneration();
+    })();
+  }
+
+  remove(paths: string[]): void {
+    const del = this.db.prepare("DELETE FROM images WHERE path = ?");
+    this.db.transaction(() => {
+      for (const p of paths) del.run(p);
+      if (paths.length) this.bumpGeneration();
+    })();
+  }
+
+  count(): number {
+    return (this.db.prepare("SELECT COUNT(*) AS n FROM images").get() as { n: number }).n;
+  }
+
+  async search(text: Float32Array, k: number): Promise<Hit[]> {
+    if (text.length !== this.model.dim) throw new Blip2Error(`internal: text embedding of ${text.length} values, expected ${this.model.dim}`);
+    const { scorer, paths } = await this.scoring();
+    if (!paths.length) return [];
+    const scores = await scorer!.scores(text);
+    return topK(scores, k).map((i) => ({ path: paths[i]!, itc: scores[i]! }));
+  }
+
+  async close(): Promise<void> {
+    await this.scorer?.scorer.release();
+    this.scorer = null;
+    this.db.close();
+  }
+
+  private get generation(): number {
+    return Number((this.db.prepare("SELECT value FROM meta WHERE key = 'generation'").get() as { value: string }).value);
+  }
+
+  private bumpGeneration(): void {
+    this.db.prepare("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'").run();
+  }
+
+  /** The scorer over an up-to-date matrix file, and the path of each matrix row. */
+  private async scoring(): Promise<{ scorer: ItcScorer | null; paths: string[] }> {
+    const generation = this.generation;
+    if (this.scorer?.generation === generation) return this.scorer;
+    await this.scorer?.scorer.release();
+    this.scorer = null;
+    const paths = (this.db.prepare("SELECT path FROM images ORDER BY id").all() as { path: string }[]).map((r) => r.path);
+    if (!paths.length) return { scorer: null, paths };
+    const matrixFile = `${this.file}.itc`;
+    const header = { generation, rows: paths.length, queries: this.model.numQueries, dim: this.model.dim };
+    const onDisk = readMatrixHeader(matrixFile);
+    if (!onDisk || onDisk.generation !== generation || onDisk.rows !== header.rows) {
+      const rows = this.db.prepare("SELECT embedding FROM images ORDER BY id").pluck().iterate() as IterableIterator<Buffer>;
+      writeMatrix(matrixFile, header, (function* () {
+        for (const b of rows) yield toFloats(b);
+      })());
+    }
+    this.scorer = { generation, scorer: await ItcScorer.open(matrixFile, header), paths };
+    return this.scorer;
+  }
+}
+
+function readModel(db: Database.Database): IndexedModel | null {
+  const rows = db.prepare("SELECT key, value FROM meta").all() as { key: string; value: string }[];
+  const m = Object.fromEntries(rows.map((r) => [r.key, r.value]));
+  if (!m.fingerprint) return null;
+  return { id: m.id!, fingerprint: m.fingerprint, numQueries: Number(m.numQueries), dim: Number(m.dim) };
+}
+
+function toFloats(b: Buffer): Float32Array {
+  // SQLite's buffers may be unaligned for floats: copy.
+  return new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
+}
