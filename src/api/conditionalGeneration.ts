@@ -7,19 +7,11 @@ import { Blip2Error } from "../errors.js";
 import { generateIds, type GenerateInputs } from "../generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../generation/options.js";
 import type { SearchResult } from "../generation/search.js";
-import { resolveModel, type HubOptions } from "../hub/download.js";
-import { Checkpoint } from "../io/checkpoint.js";
-import type { ProcessorLoadOptions } from "../processor.js";
+import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Runtime } from "../runtime/blip2Runtime.js";
-import type { Device } from "../runtime/session.js";
+import { loadCheckpoint, type ModelLoadOptions } from "./load.js";
 
-export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
-  /** Weight precision (this build runs float32). */
-  dtype?: "fp32";
-  device?: Device;
-  /** Threads per ONNX Runtime session (default: one per core). */
-  threads?: number;
-}
+export type { ModelLoadOptions };
 
 export interface GenerateArgs extends GenerateInputs, GenerationOptions {
   /** Called after each step with the new token of every row (greedy and sampling). */
@@ -38,8 +30,7 @@ export class Blip2ForConditionalGeneration {
 
   /** Load from a local folder or a Hub model id ("Salesforce/blip2-opt-2.7b"). */
   static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForConditionalGeneration> {
-    if (options.dtype && options.dtype !== "fp32") throw new Blip2Error(`dtype ${JSON.stringify(options.dtype)} is not supported (supported: "fp32")`);
-    const checkpoint = Checkpoint.open(await resolveModel(src, options));
+    const checkpoint = await loadCheckpoint(src, options);
     if (checkpoint.config.architectures.includes("Blip2ForImageTextRetrieval")) {
       throw new Blip2Error(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`);
     }

@@ -5,14 +5,13 @@
  */
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
-import { resolveModel } from "../hub/download.js";
 import type { ImageInput } from "../image/decode.js";
-import { Checkpoint } from "../io/checkpoint.js";
+import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Processor } from "../processor.js";
 import { itcSimilarity, RetrievalRuntime } from "../runtime/retrievalRuntime.js";
 import { tensor } from "../runtime/session.js";
 import { warnOnce } from "../warn.js";
-import type { ModelLoadOptions } from "./conditionalGeneration.js";
+import { loadCheckpoint, type ModelLoadOptions } from "./load.js";
 
 /** Row-major embeddings: `data` holds `dims[0]` rows of `dims.slice(1)` values. */
 export interface Embeddings {
@@ -40,8 +39,7 @@ export class Blip2ForImageTextRetrieval {
   ) {}
 
   static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForImageTextRetrieval> {
-    if (options.dtype && options.dtype !== "fp32") throw new Blip2Error(`dtype ${JSON.stringify(options.dtype)} is not supported (supported: "fp32")`);
-    const checkpoint = Checkpoint.open(await resolveModel(src, options));
+    const checkpoint = await loadCheckpoint(src, options);
     const runtime = new RetrievalRuntime(checkpoint, { device: options.device, threads: options.threads });
     return new Blip2ForImageTextRetrieval(checkpoint, await Blip2Processor.fromDirectory(checkpoint.dir, checkpoint.config, options), runtime);
   }

@@ -129,7 +129,7 @@ class OptDecoding implements DecodingModel {
   }
 
   private async decode(embeds: ort.Tensor): Promise<Float32Array> {
-    const { outputs, cache } = await this.rt.optDecode(embeds, this.mask, this.cache);
+    const { outputs, cache } = await this.rt.optDecode(embeds, this.mask, this.cache, true);
     this.cache = cache;
     return lastPosition(outputs.logits!);
   }

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseBlip2Config, type Blip2Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
+import { partOf, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
 import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
 
 export class Checkpoint {
@@ -15,6 +16,10 @@ export class Checkpoint {
     readonly dir: string,
     readonly config: Blip2Config,
     private readonly tensors: Map<string, TensorInfo>,
+    /** The precision each part's linear weights are used in (see quantize/). */
+    readonly dtypes: PartDTypes = { vision: "fp32", qformer: "fp32", language: "fp32" },
+    /** Written by `blip2 quantize --out`: its linear weights exist only in `dtypes`. */
+    readonly converted = false,
   ) {}
 
   static open(dir: string): Checkpoint {
@@ -30,12 +35,23 @@ export class Checkpoint {
     const json = readJsonFile(configFile);
     if (json === undefined) throw new Blip2Error(`${configFile}: missing (a BLIP-2 checkpoint folder needs config.json)`);
     const config = parseBlip2Config(json, configFile);
-    return new Checkpoint(abs, config, loadWeights(abs));
+    const converted = readConvertedDTypes(path.join(abs, CONVERTED_FILE));
+    return new Checkpoint(abs, config, loadWeights(abs), converted ?? undefined, converted !== null);
   }
 
   /** The same weights under a modified config (e.g. to run a checkpoint the legacy way). */
   withConfig(patch: Partial<Blip2Config>): Checkpoint {
-    return new Checkpoint(this.dir, { ...this.config, ...patch }, this.tensors);
+    return new Checkpoint(this.dir, { ...this.config, ...patch }, this.tensors, this.dtypes, this.converted);
+  }
+
+  /** The same checkpoint with more tensors (e.g. quantized copies) and the parts' precisions. */
+  withWeights(extra: Map<string, TensorInfo>, dtypes: PartDTypes): Checkpoint {
+    return new Checkpoint(this.dir, this.config, new Map([...this.tensors, ...extra]), dtypes, this.converted);
+  }
+
+  /** The precision a weight is used in: its part's. */
+  dtypeOf(name: string): WeightDType {
+    return weightDType(name, this.dtypes[partOf(name)]);
   }
 
   /**
@@ -88,6 +104,18 @@ export class Checkpoint {
     }
     return info;
   }
+}
+
+/** Marks a folder written by `blip2 quantize --out`, with the precision of each part. */
+export const CONVERTED_FILE = "blip2_weights.json";
+
+function readConvertedDTypes(file: string): PartDTypes | null {
+  const json = readJsonFile(file) as { dtypes?: unknown } | undefined;
+  if (json === undefined) return null;
+  const d = json.dtypes as Record<string, unknown> | undefined;
+  const ok = (v: unknown) => v === "fp32" || v === "fp16" || v === "q8" || v === "q4";
+  if (!d || !ok(d.vision) || !ok(d.qformer) || !ok(d.language)) throw new Blip2Error(`${file}: expected {"dtypes": {"vision", "qformer", "language"}} with fp32, fp16, q8 or q4`);
+  return d as unknown as PartDTypes;
 }
 
 export function readJsonFile(file: string): unknown | undefined {

@@ -203,3 +203,72 @@ export function writeSafetensors(file: string, tensors: Record<string, TensorToW
   }
   fs.renameSync(tmp, file);
 }
+
+export function floatToHalf(f: number): number {
+  // Round to nearest even through a float32 view of the value.
+  const f32 = new Float32Array([f]);
+  const x = new Uint32Array(f32.buffer)[0]!;
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    const half = mant >>> shift;
+    const rest = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    return sign | (half + (rest > mid || (rest === mid && half & 1) ? 1 : 0));
+  }
+  const half = (e << 10) | (mant >>> 13);
+  const rest = mant & 0x1fff;
+  return sign | (half + (rest > 0x1000 || (rest === 0x1000 && half & 1) ? 1 : 0));
+}
+
+export interface StreamedTensor {
+  name: string;
+  dtype: SafeDType;
+  shape: number[];
+  /** Produces the tensor's bytes when its turn to be written comes. */
+  data: () => Uint8Array;
+}
+
+/**
+ * Write tensors one at a time (each produced on demand, so only one is in memory), atomically.
+ * `onWritten` is told each tensor's name after it is on disk.
+ */
+export function writeSafetensorsStreamed(file: string, tensors: StreamedTensor[], metadata: Record<string, string>, onWritten?: (name: string) => void): void {
+  const header: Record<string, unknown> = { __metadata__: metadata };
+  let offset = 0;
+  for (const t of tensors) {
+    const bytes = t.shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[t.dtype];
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fd = fs.openSync(tmp, "w");
+  try {
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+    fs.writeSync(fd, len);
+    fs.writeSync(fd, json);
+    for (const t of tensors) {
+      const data = t.data();
+      const expected = (header[t.name] as { data_offsets: number[] }).data_offsets;
+      if (data.byteLength !== expected[1]! - expected[0]!) throw new Blip2Error(`internal: tensor ${t.name} produced ${data.byteLength} bytes, expected ${expected[1]! - expected[0]!}`);
+      fs.writeSync(fd, data);
+      onWritten?.(t.name);
+    }
+  } catch (err) {
+    fs.closeSync(fd);
+    fs.rmSync(tmp, { force: true });
+    throw err;
+  }
+  fs.closeSync(fd);
+  fs.renameSync(tmp, file);
+}

@@ -83,6 +83,8 @@ export class Graph {
   private counter = 0;
   private constCache = new Map<string, Value>();
   private weightCache = new Map<string, Value>();
+  /** The checkpoint tensor each weight value stands for (casts included). */
+  readonly weightNames = new Map<Value, string>();
 
   constructor(readonly name: string) {}
 
@@ -125,6 +127,7 @@ export class Graph {
       v = this.addNode("Cast", [v], { to: attr.int(onnxDataType(castTo)) }, [{ dtype: castTo, shape: info.shape }])[0]!;
     }
     this.weightCache.set(info.name, v);
+    this.weightNames.set(v, info.name);
     return v;
   }
 

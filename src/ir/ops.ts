@@ -278,3 +278,28 @@ export function conv(x: Value, weight: Value, bias: Value | null, stride: number
   const attrs = { kernel_shape: attr.ints([kh!, kw!]), strides: attr.ints([stride, stride]) };
   return node("Conv", bias ? [x, weight, bias] : [x, weight], attrs, x.dtype, [x.dim(0), outC!, out(x.dim(2), kh!), out(x.dim(3), kw!)]);
 }
+
+export interface NBitsOptions {
+  k: number;
+  n: number;
+  bits: 4 | 8;
+  blockSize: number;
+  /** 4: activations quantized to int8 on the fly (the fast CPU path). */
+  accuracyLevel: number;
+}
+
+/**
+ * x @ dequant(W)^T + bias with W block-quantized as ONNX Runtime's com.microsoft.MatMulNBits expects
+ * (see quantize/blockQuant.ts).
+ */
+export function matMulNBits(x: Value, weight: Value, scales: Value, zeroPoints: Value | null, bias: Value | null, o: NBitsOptions): Value {
+  const kBlocks = o.k / o.blockSize;
+  const blob = (o.blockSize * o.bits) / 8;
+  if (weight.dtype !== "uint8" || weight.rank !== 3 || weight.shape[0] !== o.n || weight.shape[1] !== kBlocks || weight.shape[2] !== blob) {
+    fail("MatMulNBits", `weight ${weight.name} ${fmt(weight.shape)} ${weight.dtype} is not [${o.n}, ${kBlocks}, ${blob}] uint8`);
+  }
+  const k = x.dim(-1);
+  if (typeof k === "number" && k !== o.k) fail("MatMulNBits", `input ${x.name} ${fmt(x.shape)} has ${k} features, weight ${weight.name} expects ${o.k}`);
+  const attrs = { K: attr.int(o.k), N: attr.int(o.n), bits: attr.int(o.bits), block_size: attr.int(o.blockSize), accuracy_level: attr.int(o.accuracyLevel) };
+  return node("MatMulNBits", [x, weight, scales, zeroPoints, null, bias], attrs, x.dtype, [...x.shape.slice(0, -1), o.n], "com.microsoft");
+}

@@ -79,8 +79,9 @@ export function optDecoderGraph(ckpt: Checkpoint, cfg: OptConfig, options: Graph
   const embeds = g.input("inputs_embeds", "float32", ["batch", "length", cfg.wordEmbedProjDim]);
   const mask = g.input("attention_mask", "int64", ["batch", "total"]);
   const past = pastInputs(g, cfg);
+  const logitsAt = g.input("logits_positions", "int64", ["positions"]);
   const root = new Params(g, ckpt, "language_model.");
-  const out = optDecoder(root.at("model.decoder"), root, cfg, embeds, mask, past);
+  const out = optDecoder(root.at("model.decoder"), root, cfg, embeds, mask, past, logitsAt);
   g.output(out.logits, "logits");
   out.present.forEach((kv, i) => {
     g.output(kv.key, `present.${i}.key`);
@@ -117,7 +118,8 @@ export function t5DecoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOp
   const buckets = g.input("position_buckets", "int64", ["length", "total"]);
   const encoderMask = g.input("encoder_attention_mask", "int64", ["batch", "encoder_length"]);
   const { past, cross } = t5CacheInputs(g, cfg);
-  const out = t5Decoder(new Params(g, ckpt, "language_model."), cfg, ids, buckets, encoderMask, cross, past);
+  const logitsAt = g.input("logits_positions", "int64", ["positions"]);
+  const out = t5Decoder(new Params(g, ckpt, "language_model."), cfg, ids, buckets, encoderMask, cross, past, logitsAt);
   g.output(out.logits, "logits");
   out.present.forEach((kv, i) => {
     g.output(kv.key, `present.${i}.key`);

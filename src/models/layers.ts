@@ -34,7 +34,25 @@ export class Params {
 
 /** nn.Linear: weight [out, in], optional bias [out]. */
 export function linearLayer(p: Params, x: Value, inFeatures: number, outFeatures: number, bias = true): Value {
-  return op.linear(x, p.get("weight", [outFeatures, inFeatures]), bias ? p.get("bias", [outFeatures]) : null);
+  return linearWith(p, "weight", x, inFeatures, outFeatures, bias ? p.get("bias", [outFeatures]) : null);
+}
+
+/**
+ * `x @ W^T + bias` with the weight `weightName` [out, in] in its part's precision: float32 (fp16
+ * copies are widened at load), or block-quantized 8/4-bit run by MatMulNBits.
+ */
+export function linearWith(p: Params, weightName: string, x: Value, inFeatures: number, outFeatures: number, bias: Value | null): Value {
+  const full = p.name(weightName);
+  const dtype = p.checkpoint.dtypeOf(full);
+  if (dtype === "q4" || dtype === "q8") {
+    const bits = dtype === "q4" ? 4 : 8;
+    const weight = p.checkpoint.tensor(`${full}.${dtype}.weight`);
+    const blockSize = (weight.shape[2]! * 8) / bits;
+    const g = p.graph;
+    const get = (suffix: string) => g.weight(p.checkpoint.tensor(`${full}.${dtype}.${suffix}`), null);
+    return op.matMulNBits(x, get("weight"), get("scales"), get("zero_points"), bias, { k: inFeatures, n: outFeatures, bits, blockSize, accuracyLevel: 4 });
+  }
+  return op.linear(x, p.get(dtype === "fp16" ? `${weightName}.fp16` : weightName, [outFeatures, inFeatures]), bias);
 }
 
 export function layerNormLayer(p: Params, x: Value, dim: number, eps: number, affine = true): Value {

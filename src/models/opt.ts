@@ -7,7 +7,7 @@
 import type { OptConfig } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attend, FLOAT32_MIN, layerNormLayer, linearLayer, mergeHeads, Params, splitHeads } from "./layers.js";
+import { activation, attend, FLOAT32_MIN, layerNormLayer, linearLayer, linearWith, mergeHeads, Params, splitHeads } from "./layers.js";
 
 const POSITION_OFFSET = 2;
 const LAYER_NORM_EPS = 1e-5;
@@ -35,8 +35,9 @@ export function optEmbedTokens(p: Params, cfg: OptConfig, inputIds: Value): Valu
  * @param inputsEmbeds [B, S, word_embed_proj_dim]
  * @param attentionMask [B, P + S] int64 over the cached and the new positions
  * @param past         per layer [B, H, P, Dh]
+ * @param logitsAt     [n] int64: the new positions whose logits to compute (generation needs the last only)
  */
-export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds: Value, attentionMask: Value, past: KeyValue[]): OptDecoderOutputs {
+export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds: Value, attentionMask: Value, past: KeyValue[], logitsAt: Value): OptDecoderOutputs {
   const d = cfg.hiddenSize;
   let x = inputsEmbeds;
   if (cfg.wordEmbedProjDim !== d) x = linearLayer(p.at("project_in"), x, cfg.wordEmbedProjDim, d, false);
@@ -54,9 +55,11 @@ export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds
     x = layerNorm(p.at("final_layer_norm"), cfg, x);
     hiddenStates[hiddenStates.length - 1] = x;
   }
+  x = op.gather(x, logitsAt, 1);
   if (cfg.wordEmbedProjDim !== d) x = linearLayer(p.at("project_out"), x, d, cfg.wordEmbedProjDim, false);
-  const headWeight = head.has("lm_head.weight") ? head.get("lm_head.weight", [cfg.vocabSize, cfg.wordEmbedProjDim]) : p.get("embed_tokens.weight", [cfg.vocabSize, cfg.wordEmbedProjDim]);
-  return { logits: op.linear(x, headWeight, null), present, hiddenStates };
+  // The head is tied to the token embeddings unless the checkpoint has its own.
+  const [headParams, headName] = head.has("lm_head.weight") ? [head, "lm_head.weight"] : [p, "embed_tokens.weight"];
+  return { logits: linearWith(headParams, headName, x, cfg.wordEmbedProjDim, cfg.vocabSize, null), present, hiddenStates };
 }
 
 /** Learned positions from the mask: cumsum(mask) * mask - 1 for the new positions, plus 2. */

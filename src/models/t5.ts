@@ -9,7 +9,7 @@
 import type { T5Config } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attend, FLOAT32_MIN, linearLayer, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
+import { activation, attend, FLOAT32_MIN, linearLayer, linearWith, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
 import type { KeyValue } from "./opt.js";
 
 export interface T5EncoderOutputs {
@@ -67,8 +67,9 @@ export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value)
  * @param encoderMask    [B, Se] int64
  * @param cross          per layer, from `t5CrossKeyValues`
  * @param past           per layer self-attention cache [B, H, P, Dkv]
+ * @param logitsAt       [n] int64: the new positions whose logits to compute
  */
-export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[]): T5DecoderOutputs {
+export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[], logitsAt: Value): T5DecoderOutputs {
   const dec = p.at("decoder");
   let x = t5EmbedTokens(p, cfg, decoderInputIds);
   const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalMask(buckets));
@@ -86,9 +87,10 @@ export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buck
   }
   x = norm(dec.at("final_layer_norm"), cfg, x);
   hiddenStates[hiddenStates.length - 1] = x;
+  x = op.gather(x, logitsAt, 1);
   if (cfg.scaleDecoderOutputs) x = op.mul(x, x.graph.scalar(cfg.dModel ** -0.5));
-  const head = cfg.tieWordEmbeddings ? p.get("shared.weight", [cfg.vocabSize, cfg.dModel]) : p.get("lm_head.weight", [cfg.vocabSize, cfg.dModel]);
-  return { logits: op.linear(x, head, null), present, hiddenStates };
+  const head = cfg.tieWordEmbeddings ? "shared.weight" : "lm_head.weight";
+  return { logits: linearWith(p, head, x, cfg.dModel, cfg.vocabSize, null), present, hiddenStates };
 }
 
 function norm(p: Params, cfg: T5Config, x: Value): Value {

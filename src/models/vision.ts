@@ -5,7 +5,7 @@
 import type { VisionConfig } from "../config.js";
 import type { Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attend, expandToBatch, layerNormLayer, linearLayer, mergeHeads, Params, splitHeads } from "./layers.js";
+import { activation, attend, expandToBatch, layerNormLayer, linearLayer, linearWith, mergeHeads, Params, splitHeads } from "./layers.js";
 
 export interface VisionOutputs {
   lastHiddenState: Value;
@@ -55,7 +55,7 @@ function encoderLayer(p: Params, cfg: VisionConfig, x: Value): Value {
 function selfAttention(p: Params, cfg: VisionConfig, x: Value): Value {
   const d = cfg.hiddenSize;
   const heads = cfg.numAttentionHeads;
-  const qkv = op.linear(x, p.get("qkv.weight", [3 * d, d]), qkvBias(p, cfg));
+  const qkv = linearWith(p, "qkv.weight", x, d, 3 * d, qkvBias(p, cfg));
   const part = (i: number) => splitHeads(op.slice(qkv, [i * d], [(i + 1) * d], [-1]), heads);
   const context = attend(part(0), part(1), part(2), (d / heads) ** -0.5, null);
   return linearLayer(p.at("projection"), mergeHeads(context), d, d);

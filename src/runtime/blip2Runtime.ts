@@ -104,11 +104,19 @@ export class Blip2Runtime {
     return cache;
   }
 
-  /** OPT: logits for the new positions and the updated cache (`present.*` renamed to `past.*`). */
-  async optDecode(embeds: ort.Tensor, attentionMask: number[][], past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
+  /**
+   * OPT: logits for the new positions (all, or with `lastOnly` the last one, which is all that
+   * generation needs) and the updated cache (`present.*` renamed to `past.*`).
+   */
+  async optDecode(embeds: ort.Tensor, attentionMask: number[][], past: Cache, lastOnly = false): Promise<{ outputs: Tensors; cache: Cache }> {
     const s = await this.sessions.get("opt_decoder", () => optDecoderGraph(this.checkpoint, this.opt, this.options));
     const width = attentionMask[0]!.length;
-    const outputs = await s.run({ inputs_embeds: embeds, attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, width]), ...past });
+    const outputs = await s.run({
+      inputs_embeds: embeds,
+      attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, width]),
+      logits_positions: logitsPositions(embeds.dims[1]!, lastOnly),
+      ...past,
+    });
     return { outputs, cache: presentAsPast(outputs) };
   }
 
@@ -139,6 +147,7 @@ export class Blip2Runtime {
       decoder_input_ids: tensor.i64(decoderInputIds.flat(), [decoderInputIds.length, length]),
       position_buckets: tensor.i64(relativePositionBuckets(this.t5, length, total, pastLength, false), [length, total]),
       encoder_attention_mask: tensor.i64(encoderMask.flat(), [encoderMask.length, encoderMask[0]!.length]),
+      logits_positions: logitsPositions(length, false),
       ...cross,
       ...past,
     });
@@ -152,6 +161,10 @@ export class Blip2Runtime {
   release(): Promise<void> {
     return this.sessions.release();
   }
+}
+
+function logitsPositions(length: number, lastOnly: boolean): ort.Tensor {
+  return lastOnly ? tensor.i64([length - 1], [1]) : tensor.i64(Array.from({ length }, (_, i) => i), [length]);
 }
 
 function presentAsPast(outputs: Tensors): Cache {

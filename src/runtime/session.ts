@@ -39,8 +39,10 @@ export class CompiledGraph {
       extra: {
         session: {
           model_external_initializers_file_folder_path: folder,
-          // Prepacking would keep a private, re-laid-out copy of every weight matrix.
-          disable_prepacking: "1",
+          // Prepacking keeps a private, re-laid-out copy of every weight matrix: not worth it for
+          // float32 weights (read in place from the mapped file), but block-quantized MatMulNBits
+          // needs its packed layout to run fast (some 100x).
+          disable_prepacking: graph.nodes.some((n) => n.op === "MatMulNBits") ? "0" : "1",
         },
       },
     };
