@@ -7,9 +7,10 @@ import { chat } from "./commands/chat.js";
 import { dump } from "./commands/dump.js";
 import { index } from "./commands/index.js";
 import { match } from "./commands/match.js";
+import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, dump];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, dump];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

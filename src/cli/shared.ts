@@ -1,6 +1,7 @@
 /** Options shared by the model commands: which model, how to run it, how to generate. */
 import type { ModelLoadOptions } from "../api/conditionalGeneration.js";
 import { Blip2 } from "../api/tasks.js";
+import { parseDTypeSpec } from "../quantize/dtype.js";
 import type { GenerationOptions } from "../generation/options.js";
 import type { Device } from "../runtime/session.js";
 import { intOption, numberOption, stringOption, UsageError, type Io, type OptionSpec, type ParsedArgs } from "./command.js";
@@ -11,6 +12,7 @@ export const DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b";
 export const modelOptions: OptionSpec = {
   model: { type: "string", short: "m" },
   revision: { type: "string" },
+  dtype: { type: "string" },
   threads: { type: "string" },
   device: { type: "string" },
   "image-backend": { type: "string" },
@@ -20,6 +22,7 @@ export const modelOptions: OptionSpec = {
 export const modelHelp = [
   `--model, -m M            local folder or Hub model id (default ${DEFAULT_MODEL})`,
   "--revision REV           Hub branch, tag or commit (default main)",
+  "--dtype D                fp32 (default), fp16, q8, q4, or per part: vision=q8,qformer=q8,language=q4",
   "--threads N              threads per ONNX Runtime session (default: all cores)",
   "--device D               cpu (default), webgpu or cuda",
   "--image-backend B        torchvision (transformers 5 resizing, default) or pil (transformers 4)",
@@ -82,7 +85,10 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
   if (device !== undefined && !["cpu", "webgpu", "cuda"].includes(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   const imageBackend = stringOption(args, "image-backend");
   if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
+  const dtype = stringOption(args, "dtype");
   return {
+    dtype: dtype === undefined ? undefined : parseDTypeSpec(dtype),
+    conversionProgress: (p) => progress.items(`converting ${p.part} weights to ${p.dtype}`, p.done, p.total),
     revision: stringOption(args, "revision"),
     threads: intOption(args, "threads", 1),
     device: device as Device | undefined,
