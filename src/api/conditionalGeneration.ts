@@ -108,6 +108,11 @@ export class Blip2ForConditionalGeneration {
     }
   }
 
+  /** Creates every ONNX Runtime session now instead of on first use (e.g. before serving requests). */
+  prepare(): Promise<void> {
+    return this.runtime.prepare();
+  }
+
   /** Frees the ONNX Runtime sessions. */
   dispose(): Promise<void> {
     return this.runtime.release();

@@ -9,7 +9,8 @@
  */
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
-import type { Blip2Runtime, Cache, Tensors } from "../runtime/blip2Runtime.js";
+import type { Blip2Runtime, Tensors } from "../runtime/blip2Runtime.js";
+import type { KvCache } from "../runtime/kvCache.js";
 import { tensor } from "../runtime/session.js";
 import type { ResolvedGeneration } from "./options.js";
 import { beamSearch, sampleOrGreedy, type DecodingModel, type SearchResult, type TokenCallback } from "./search.js";
@@ -46,12 +47,12 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   let model: DecodingModel;
   let prompts: number[][];
   if (rt.config.text.modelType === "opt") {
-    model = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]));
+    model = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]), g.maxNewTokens);
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(gatherRows(embeds, rows), rows.map((r) => mask[r]!));
     const cross = await rt.t5Cross(encoder.last_hidden_state!);
-    model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId);
+    model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   if (hooks.onLogits) model = observeLogits(model, hooks.onLogits);
@@ -83,12 +84,6 @@ function gatherRows(t: ort.Tensor, rows: number[]): ort.Tensor {
   return tensor.f32(out, [rows.length, ...rest]);
 }
 
-function gatherCache(cache: Cache, rows: number[]): Cache {
-  const out: Cache = {};
-  for (const [name, t] of Object.entries(cache)) out[name] = gatherRows(t, rows);
-  return out;
-}
-
 /** Logits of the last position of every row: [rows, S, V] -> [rows * V]. */
 function lastPosition(logits: ort.Tensor): Float32Array {
   const [rows, length, vocab] = logits.dims as [number, number, number];
@@ -100,14 +95,15 @@ function lastPosition(logits: ort.Tensor): Float32Array {
 }
 
 class OptDecoding implements DecodingModel {
-  private cache: Cache;
+  private readonly cache: KvCache;
 
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly embeds: ort.Tensor,
-    private mask: number[][],
+    private readonly promptMask: number[][],
+    maxNewTokens: number,
   ) {
-    this.cache = rt.emptyCache(mask.length);
+    this.cache = rt.newCache(promptMask.length, embeds.dims[1]! + maxNewTokens);
   }
 
   get vocabSize(): number {
@@ -115,36 +111,30 @@ class OptDecoding implements DecodingModel {
   }
 
   async prefill(): Promise<Float32Array> {
-    return this.decode(this.embeds);
+    return lastPosition((await this.rt.optDecode(this.embeds, this.promptMask, this.cache, true)).logits!);
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
-    this.mask = this.mask.map((m) => [...m, 1]);
-    return this.decode(await this.rt.embed(tokens.map((t) => [t])));
+    const embeds = await this.rt.embed(tokens.map((t) => [t]));
+    return lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache, true)).logits!);
   }
 
   reorder(index: number[]): void {
-    this.cache = gatherCache(this.cache, index);
-    this.mask = index.map((i) => this.mask[i]!);
-  }
-
-  private async decode(embeds: ort.Tensor): Promise<Float32Array> {
-    const { outputs, cache } = await this.rt.optDecode(embeds, this.mask, this.cache, true);
-    this.cache = cache;
-    return lastPosition(outputs.logits!);
+    this.cache.reorder(index);
   }
 }
 
 class T5Decoding implements DecodingModel {
-  private cache: Cache;
+  private readonly cache: KvCache;
 
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly cross: Tensors,
     private readonly encoderMask: number[][],
     private readonly startToken: number,
+    maxNewTokens: number,
   ) {
-    this.cache = rt.emptyCache(encoderMask.length);
+    this.cache = rt.newCache(encoderMask.length, 1 + maxNewTokens);
   }
 
   get vocabSize(): number {
@@ -156,13 +146,11 @@ class T5Decoding implements DecodingModel {
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
-    const { outputs, cache } = await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache);
-    this.cache = cache;
-    return lastPosition(outputs.logits!);
+    return lastPosition((await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache)).logits!);
   }
 
   /** Beams of one input share its encoder output, so only the self-attention cache moves. */
   reorder(index: number[]): void {
-    this.cache = gatherCache(this.cache, index);
+    this.cache.reorder(index);
   }
 }

@@ -17,6 +17,14 @@ export interface GraphOptions {
   hiddenStates?: boolean;
 }
 
+/** The new positions' keys and values, for the caller's cache (runtime/kvCache.ts). */
+function outputNewKeyValues(g: Graph, present: { key: Value; value: Value }[]): void {
+  present.forEach((kv, i) => {
+    g.output(kv.key, `new.${i}.key`);
+    g.output(kv.value, `new.${i}.value`);
+  });
+}
+
 function outputList(g: Graph, name: string, values: Value[]): void {
   values.forEach((v, i) => g.output(v, `${name}.${i}`));
 }
@@ -83,10 +91,7 @@ export function optDecoderGraph(ckpt: Checkpoint, cfg: OptConfig, options: Graph
   const root = new Params(g, ckpt, "language_model.");
   const out = optDecoder(root.at("model.decoder"), root, cfg, embeds, mask, past, logitsAt);
   g.output(out.logits, "logits");
-  out.present.forEach((kv, i) => {
-    g.output(kv.key, `present.${i}.key`);
-    g.output(kv.value, `present.${i}.value`);
-  });
+  outputNewKeyValues(g, out.present);
   if (options.hiddenStates) outputList(g, "lm_hidden_states", out.hiddenStates);
   return g;
 }
@@ -116,15 +121,13 @@ export function t5DecoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOp
   const g = new Graph("t5_decoder");
   const ids = g.input("decoder_input_ids", "int64", ["batch", "length"]);
   const buckets = g.input("position_buckets", "int64", ["length", "total"]);
+  const mask = g.input("attention_mask", "int64", ["batch", "total"]);
   const encoderMask = g.input("encoder_attention_mask", "int64", ["batch", "encoder_length"]);
   const { past, cross } = t5CacheInputs(g, cfg);
   const logitsAt = g.input("logits_positions", "int64", ["positions"]);
-  const out = t5Decoder(new Params(g, ckpt, "language_model."), cfg, ids, buckets, encoderMask, cross, past, logitsAt);
+  const out = t5Decoder(new Params(g, ckpt, "language_model."), cfg, ids, buckets, mask, encoderMask, cross, past, logitsAt);
   g.output(out.logits, "logits");
-  out.present.forEach((kv, i) => {
-    g.output(kv.key, `present.${i}.key`);
-    g.output(kv.value, `present.${i}.value`);
-  });
+  outputNewKeyValues(g, out.present);
   if (options.hiddenStates) outputList(g, "lm_decoder_hidden_states", out.hiddenStates);
   return g;
 }

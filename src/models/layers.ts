@@ -138,3 +138,43 @@ export function expandToBatch(param: Value, like: Value): Value {
   const rest = g.ints(param.shape.slice(1) as number[]);
   return op.expand(param, op.concat([batch, rest], 0), [like.dim(0), ...param.shape.slice(1)] as Dim[]);
 }
+
+/**
+ * Additive [B, 1, S, T] bias for decoders: new position i (at T - S + i) sees key j when
+ * j <= T - S + i and the mask has a 1 there. Masked entries get float32's minimum, as transformers
+ * does. `newTokens` is any [B, S, ...] value of the new positions.
+ */
+export function causalBias(attentionMask: Value, newTokens: Value): Value {
+  const g = attentionMask.graph;
+  const one = g.scalar(1, "int64");
+  const total = op.squeeze(op.slice(op.shapeOf(attentionMask), [1], [2], [0]), [0]);
+  const newLength = op.squeeze(op.slice(op.shapeOf(newTokens), [1], [2], [0]), [0]);
+  const queryPos = op.unsqueeze(op.range(op.sub(total, newLength), total, one, newTokens.dim(1)), [1]);
+  const keyPos = op.unsqueeze(op.range(g.scalar(0, "int64"), total, one, attentionMask.dim(1)), [0]);
+  const causal = op.not(op.less(queryPos, keyPos));
+  const notPad = op.equal(op.unsqueeze(attentionMask, [1, 2]), one);
+  return op.where(op.and(causal, notPad), g.scalar(0), g.scalar(FLOAT32_MIN));
+}
+
+/**
+ * Attention over a key/value cache and the new positions without concatenating them: the scores
+ * of both are joined (small), the values are weighted separately and summed, so the cache is only
+ * read. `cache` is [B, H, L, Dh], `fresh` [B, H, S, Dh]; `bias` covers L + S keys.
+ */
+export function attendWithCache(q: Value, cache: KeyValue, fresh: KeyValue, scale: number | null, bias: Value): Value {
+  const scores = (k: Value) => op.matmul(q, op.transpose(k, [0, 1, 3, 2]));
+  let s = op.concat([scores(cache.key), scores(fresh.key)], -1);
+  if (scale !== null) s = op.mul(s, q.graph.scalar(scale));
+  const probs = op.softmax(op.add(s, bias), -1);
+  const capacity = op.slice(op.shapeOf(cache.key), [2], [3], [0]);
+  const [b, h, len] = probs.shape;
+  const g = q.graph;
+  const probsCache = op.sliceDynamic(probs, g.ints([0]), capacity, [3], [b!, h!, len!, cache.key.dim(2)]);
+  const probsFresh = op.sliceDynamic(probs, capacity, g.ints([2 ** 62]), [3], [b!, h!, len!, fresh.key.dim(2)]);
+  return op.add(op.matmul(probsCache, cache.value), op.matmul(probsFresh, fresh.value));
+}
+
+export interface KeyValue {
+  key: Value;
+  value: Value;
+}

@@ -2,23 +2,22 @@
  * OPT, the decoder-only language model: learned positions (offset 2, counted from the attention
  * mask), pre-LN blocks with ReLU feed-forward, a final LayerNorm, and the head tied to the token
  * embeddings. The decoder graph takes `inputs_embeds` (so BLIP-2 can place the projected queries)
- * and a key/value cache: past keys/values in, present keys/values out.
+ * and a key/value cache: the cache's buffers in (slots masked by the attention mask), the new
+ * positions' keys/values out.
  */
 import type { OptConfig } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attend, FLOAT32_MIN, layerNormLayer, linearLayer, linearWith, mergeHeads, Params, splitHeads } from "./layers.js";
+import { activation, attendWithCache, causalBias, layerNormLayer, linearLayer, linearWith, mergeHeads, Params, splitHeads, type KeyValue } from "./layers.js";
+
+export type { KeyValue };
 
 const POSITION_OFFSET = 2;
 const LAYER_NORM_EPS = 1e-5;
 
-export interface KeyValue {
-  key: Value;
-  value: Value;
-}
-
 export interface OptDecoderOutputs {
   logits: Value;
+  /** The new positions' keys and values, per layer [B, H, S, Dh], for the caller's cache. */
   present: KeyValue[];
   /** Embeddings + positions, each layer's output, and the final normalized output. */
   hiddenStates: Value[];
@@ -33,8 +32,8 @@ export function optEmbedTokens(p: Params, cfg: OptConfig, inputIds: Value): Valu
  * @param p            parameters under `language_model.model.decoder.`
  * @param head         parameters under `language_model.` (for an untied `lm_head`)
  * @param inputsEmbeds [B, S, word_embed_proj_dim]
- * @param attentionMask [B, P + S] int64 over the cached and the new positions
- * @param past         per layer [B, H, P, Dh]
+ * @param attentionMask [B, L + S] int64 over the cache's L slots and the new positions
+ * @param past         per layer [B, H, L, Dh] (see runtime/kvCache.ts)
  * @param logitsAt     [n] int64: the new positions whose logits to compute (generation needs the last only)
  */
 export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds: Value, attentionMask: Value, past: KeyValue[], logitsAt: Value): OptDecoderOutputs {
@@ -46,7 +45,7 @@ export function optDecoder(p: Params, head: Params, cfg: OptConfig, inputsEmbeds
   const hiddenStates = [x];
   const present: KeyValue[] = [];
   for (let i = 0; i < cfg.numHiddenLayers; i++) {
-    const out = decoderLayer(p.at("layers").at(i), cfg, x, bias, past[i] ?? null);
+    const out = decoderLayer(p.at("layers").at(i), cfg, x, bias, past[i]!);
     x = out.x;
     present.push(out.present);
     hiddenStates.push(x);
@@ -72,27 +71,11 @@ function positionEmbeddings(p: Params, cfg: OptConfig, attentionMask: Value, inp
   return op.gather(table, op.add(last, g.scalar(POSITION_OFFSET, "int64")));
 }
 
-/**
- * Additive [B, 1, S, T] bias: new position i (absolute P + i) sees key j when j <= P + i and the
- * key is not padding. Masked entries get float32's minimum, as transformers does.
- */
-export function causalBias(attentionMask: Value, inputsEmbeds: Value): Value {
-  const g = attentionMask.graph;
-  const one = g.scalar(1, "int64");
-  const total = op.squeeze(op.slice(op.shapeOf(attentionMask), [1], [2], [0]), [0]);
-  const newLength = op.squeeze(op.slice(op.shapeOf(inputsEmbeds), [1], [2], [0]), [0]);
-  const queryPos = op.unsqueeze(op.range(op.sub(total, newLength), total, one, inputsEmbeds.dim(1)), [1]);
-  const keyPos = op.unsqueeze(op.range(g.scalar(0, "int64"), total, one, attentionMask.dim(1)), [0]);
-  const causal = op.not(op.less(queryPos, keyPos));
-  const notPad = op.equal(op.unsqueeze(attentionMask, [1, 2]), one);
-  return op.where(op.and(causal, notPad), g.scalar(0), g.scalar(FLOAT32_MIN));
-}
-
 function layerNorm(p: Params, cfg: OptConfig, x: Value): Value {
   return layerNormLayer(p, x, cfg.hiddenSize, LAYER_NORM_EPS, cfg.layerNormElementwiseAffine);
 }
 
-function decoderLayer(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue | null): { x: Value; present: KeyValue } {
+function decoderLayer(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue): { x: Value; present: KeyValue } {
   const pre = cfg.doLayerNormBefore;
   let h = pre ? layerNorm(p.at("self_attn_layer_norm"), cfg, x) : x;
   const attn = selfAttention(p.at("self_attn"), cfg, h, bias, past);
@@ -106,28 +89,24 @@ function decoderLayer(p: Params, cfg: OptConfig, x: Value, bias: Value, past: Ke
   return { x, present: attn.present };
 }
 
-function selfAttention(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue | null): { out: Value; present: KeyValue } {
+function selfAttention(p: Params, cfg: OptConfig, x: Value, bias: Value, past: KeyValue): { out: Value; present: KeyValue } {
   const d = cfg.hiddenSize;
   const heads = cfg.numAttentionHeads;
   const scaling = (d / heads) ** -0.5;
   const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, d, d, cfg.enableBias), heads);
   // OPT scales the query projection before the dot product.
   const q = op.mul(proj("q_proj"), x.graph.scalar(scaling));
-  let k = proj("k_proj");
-  let v = proj("v_proj");
-  if (past) {
-    k = op.concat([past.key, k], 2);
-    v = op.concat([past.value, v], 2);
-  }
-  const out = linearLayer(p.at("out_proj"), mergeHeads(attend(q, k, v, null, bias)), d, d, cfg.enableBias);
+  const k = proj("k_proj");
+  const v = proj("v_proj");
+  const out = linearLayer(p.at("out_proj"), mergeHeads(attendWithCache(q, past, { key: k, value: v }, null, bias)), d, d, cfg.enableBias);
   return { out, present: { key: k, value: v } };
 }
 
-/** Graph inputs for the cache: one key and one value per layer, [B, H, P, Dh] with P dynamic. */
+/** Graph inputs for the cache: one key and one value per layer, [B, H, L, Dh] with L the capacity. */
 export function pastInputs(g: Graph, cfg: OptConfig): KeyValue[] {
   const heads = cfg.numAttentionHeads;
   const dh = cfg.hiddenSize / heads;
-  const shape = ["batch", heads, "past", dh];
+  const shape = ["batch", heads, "capacity", dh];
   return Array.from({ length: cfg.numHiddenLayers }, (_, i) => ({
     key: g.input(`past.${i}.key`, "float32", shape),
     value: g.input(`past.${i}.value`, "float32", shape),

@@ -9,7 +9,7 @@
 import type { T5Config } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attend, FLOAT32_MIN, linearLayer, linearWith, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
+import { activation, attend, attendWithCache, causalBias, FLOAT32_MIN, linearLayer, linearWith, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
 import type { KeyValue } from "./opt.js";
 
 export interface T5EncoderOutputs {
@@ -63,22 +63,24 @@ export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value)
 
 /**
  * One decoder pass over new tokens, given the cache.
- * @param buckets        [S, P + S] int64 causal relative-position buckets for the new positions
+ * @param buckets        [S, L + S] int64 relative-position buckets of the new positions against the
+ *                       cache's L slots and themselves
+ * @param attentionMask  [B, L + S] int64: the cache slots holding keys, then the new positions
  * @param encoderMask    [B, Se] int64
  * @param cross          per layer, from `t5CrossKeyValues`
- * @param past           per layer self-attention cache [B, H, P, Dkv]
+ * @param past           per layer self-attention cache [B, H, L, Dkv] (see runtime/kvCache.ts)
  * @param logitsAt       [n] int64: the new positions whose logits to compute
  */
-export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[], logitsAt: Value): T5DecoderOutputs {
+export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[], logitsAt: Value): T5DecoderOutputs {
   const dec = p.at("decoder");
   let x = t5EmbedTokens(p, cfg, decoderInputIds);
-  const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalMask(buckets));
+  const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalBias(attentionMask, decoderInputIds));
   const crossBias = paddingBias(encoderMask, FLOAT32_MIN);
   const hiddenStates = [x];
   const present: KeyValue[] = [];
   for (let i = 0; i < cfg.numDecoderLayers; i++) {
     const block = dec.at("block").at(i);
-    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past[i]);
+    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past[i]!);
     x = op.add(x, self.out);
     present.push(self.present);
     x = op.add(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias).out);
@@ -99,13 +101,14 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
 
 /**
  * T5 attention (no scaling). With `cross`, keys/values are the precomputed encoder projections;
- * otherwise they come from `x`, appended to `past` when given.
+ * otherwise they come from `x`, attending also to the cache `past` when given. `present` is the
+ * new positions' keys/values.
  */
 function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue } {
   const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false), cfg.numHeads);
-  let kv: KeyValue = cross ?? { key: proj("k"), value: proj("v") };
-  if (past) kv = { key: op.concat([past.key, kv.key], 2), value: op.concat([past.value, kv.value], 2) };
-  const context = attend(proj("q"), kv.key, kv.value, null, bias);
+  const kv: KeyValue = cross ?? { key: proj("k"), value: proj("v") };
+  const q = proj("q");
+  const context = past ? attendWithCache(q, past, kv, null, bias) : attend(q, kv.key, kv.value, null, bias);
   return { out: linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false), present: kv };
 }
 
@@ -123,23 +126,14 @@ function positionBias(p: Params, cfg: T5Config, buckets: Value): Value {
   return op.unsqueeze(op.transpose(op.gather(table, buckets), [2, 0, 1]), [0]);
 }
 
-/** The decoder's causal mask, read off the bucket matrix's shape: query i sits at T - S + i. */
-function causalMask(buckets: Value): Value {
-  const g = buckets.graph;
-  const one = g.scalar(1, "int64");
-  const shape = op.shapeOf(buckets);
-  const s = op.squeeze(op.slice(shape, [0], [1], [0]), [0]);
-  const t = op.squeeze(op.slice(shape, [1], [2], [0]), [0]);
-  const queryPos = op.unsqueeze(op.range(op.sub(t, s), t, one, buckets.dim(0)), [1]);
-  const keyPos = op.unsqueeze(op.range(g.scalar(0, "int64"), t, one, buckets.dim(1)), [0]);
-  return op.where(op.less(queryPos, keyPos), g.scalar(FLOAT32_MIN), g.scalar(0));
-}
-
 /**
- * transformers' `_relative_position_bucket` for queries at positions [offset, offset + S) and keys
- * [0, T), with its float32 arithmetic reproduced (Math.fround) so bucket edges fall identically.
+ * transformers' `_relative_position_bucket` for queries at positions `queries` and keys at
+ * positions `keys`, with its float32 arithmetic reproduced (Math.fround) so bucket edges fall
+ * identically. [queries.length * keys.length], row-major.
  */
-export function relativePositionBuckets(cfg: T5Config, queryLength: number, keyLength: number, offset: number, bidirectional: boolean): BigInt64Array {
+export function relativePositionBuckets(cfg: T5Config, queries: number[], keys: number[], bidirectional: boolean): BigInt64Array {
+  const queryLength = queries.length;
+  const keyLength = keys.length;
   const out = new BigInt64Array(queryLength * keyLength);
   let numBuckets = cfg.relativeAttentionNumBuckets;
   if (bidirectional) numBuckets = Math.floor(numBuckets / 2);
@@ -148,7 +142,7 @@ export function relativePositionBuckets(cfg: T5Config, queryLength: number, keyL
   const logRatio = Math.log(cfg.relativeAttentionMaxDistance / maxExact);
   for (let i = 0; i < queryLength; i++) {
     for (let j = 0; j < keyLength; j++) {
-      let rel = j - (offset + i);
+      let rel = keys[j]! - queries[i]!;
       let bucket = 0;
       if (bidirectional) {
         if (rel > 0) bucket += numBuckets;
@@ -175,5 +169,5 @@ export function t5CacheInputs(g: Graph, cfg: T5Config): { past: KeyValue[]; cros
       key: g.input(`${prefix}.${i}.key`, "float32", ["batch", cfg.numHeads, len, cfg.dKv]),
       value: g.input(`${prefix}.${i}.value`, "float32", ["batch", cfg.numHeads, len, cfg.dKv]),
     }));
-  return { past: kv("past", "past"), cross: kv("cross", "encoder_length") };
+  return { past: kv("past", "capacity"), cross: kv("cross", "encoder_length") };
 }

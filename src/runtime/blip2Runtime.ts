@@ -9,12 +9,12 @@ import { warnOnce } from "../warn.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
-import { SessionCache, tensor, type RuntimeOptions } from "./session.js";
+import type { Graph } from "../ir/graph.js";
+import { KvCache } from "./kvCache.js";
+import { SessionCache, tensor, type CompiledGraph, type RuntimeOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
-/** Per-layer key/value tensors as the decoder graphs name them (`past.{i}.key`, ...). */
-export type Cache = Tensors;
 
 export class Blip2Runtime {
   private readonly sessions: SessionCache;
@@ -30,18 +30,38 @@ export class Blip2Runtime {
     return this.checkpoint.config;
   }
 
+  /** The graphs this checkpoint runs as, by session name. */
+  private graphs(): Record<string, () => Graph> {
+    const ck = this.checkpoint;
+    const o = this.options;
+    const common = { image: () => imageGraph(ck, { project: true, hiddenStates: o.hiddenStates }), embed: () => embedGraph(ck) };
+    if (this.config.text.modelType === "opt") return { ...common, opt_decoder: () => optDecoderGraph(ck, this.opt, o) };
+    return { ...common, t5_encoder: () => t5EncoderGraph(ck, this.t5, o), t5_cross: () => t5CrossGraph(ck, this.t5), t5_decoder: () => t5DecoderGraph(ck, this.t5, o) };
+  }
+
+  private session(name: string): Promise<CompiledGraph> {
+    const build = this.graphs()[name];
+    if (!build) throw new Blip2Error(`internal: no ${name} graph for this checkpoint`);
+    return this.sessions.get(name, build);
+  }
+
+  /** Creates every session now (one after the other), rather than on first use. */
+  async prepare(): Promise<void> {
+    for (const name of Object.keys(this.graphs())) await this.session(name);
+  }
+
   /** pixel_values [B, 3, H, W] -> language_model_inputs and the vision/Q-Former outputs. */
   async image(pixelValues: Float32Array, batch: number): Promise<Tensors> {
     const size = this.config.vision.imageSize;
     const expected = batch * 3 * size * size;
     if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
-    const s = await this.sessions.get("image", () => imageGraph(this.checkpoint, { project: true, hiddenStates: this.options.hiddenStates }));
+    const s = await this.session("image");
     return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   }
 
   /** Token ids -> the language model's input embeddings. */
   async embed(ids: number[][]): Promise<ort.Tensor> {
-    const s = await this.sessions.get("embed", () => embedGraph(this.checkpoint));
+    const s = await this.session("embed");
     const width = ids[0]?.length ?? 0;
     return (await s.run({ input_ids: tensor.i64(ids.flat(), [ids.length, width]) })).inputs_embeds!;
   }
@@ -92,66 +112,68 @@ export class Blip2Runtime {
     return this.config.text;
   }
 
-  /** An empty cache ([B, H, 0, Dh] per layer) for the first decoder pass. */
-  emptyCache(batch: number): Cache {
+  /** A key/value cache for `rows` sequences and `capacity` positions (0 for a single pass). */
+  newCache(rows: number, capacity: number): KvCache {
     const t = this.config.text;
-    const [layers, heads, dh] = t.modelType === "opt" ? [t.numHiddenLayers, t.numAttentionHeads, t.hiddenSize / t.numAttentionHeads] : [t.numDecoderLayers, t.numHeads, t.dKv];
-    const cache: Cache = {};
-    for (let i = 0; i < layers; i++) {
-      cache[`past.${i}.key`] = tensor.f32(new Float32Array(0), [batch, heads, 0, dh]);
-      cache[`past.${i}.value`] = tensor.f32(new Float32Array(0), [batch, heads, 0, dh]);
-    }
-    return cache;
+    return t.modelType === "opt"
+      ? new KvCache(t.numHiddenLayers, rows, t.numAttentionHeads, capacity, t.hiddenSize / t.numAttentionHeads)
+      : new KvCache(t.numDecoderLayers, rows, t.numHeads, capacity, t.dKv);
   }
 
   /**
-   * OPT: logits for the new positions (all, or with `lastOnly` the last one, which is all that
-   * generation needs) and the updated cache (`present.*` renamed to `past.*`).
+   * OPT over new positions (`mask` is their attention mask) after those in `cache`, which receives
+   * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
+   * that generation needs).
    */
-  async optDecode(embeds: ort.Tensor, attentionMask: number[][], past: Cache, lastOnly = false): Promise<{ outputs: Tensors; cache: Cache }> {
-    const s = await this.sessions.get("opt_decoder", () => optDecoderGraph(this.checkpoint, this.opt, this.options));
-    const width = attentionMask[0]!.length;
+  async optDecode(embeds: ort.Tensor, mask: number[][], cache: KvCache, lastOnly = false): Promise<Tensors> {
+    const s = await this.session("opt_decoder");
     const outputs = await s.run({
       inputs_embeds: embeds,
-      attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, width]),
+      attention_mask: cache.stepMask(mask),
       logits_positions: logitsPositions(embeds.dims[1]!, lastOnly),
-      ...past,
+      ...cache.tensors,
     });
-    return { outputs, cache: presentAsPast(outputs) };
+    if (cache.capacity) cache.append(outputs, mask);
+    return outputs;
   }
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
   async t5Encode(embeds: ort.Tensor, attentionMask: number[][]): Promise<Tensors> {
-    const s = await this.sessions.get("t5_encoder", () => t5EncoderGraph(this.checkpoint, this.t5, this.options));
+    const s = await this.session("t5_encoder");
     const length = embeds.dims[1]!;
+    const positions = Array.from({ length }, (_, i) => i);
     return s.run({
       inputs_embeds: embeds,
       attention_mask: tensor.i64(attentionMask.flat(), [attentionMask.length, length]),
-      position_buckets: tensor.i64(relativePositionBuckets(this.t5, length, length, 0, true), [length, length]),
+      position_buckets: tensor.i64(relativePositionBuckets(this.t5, positions, positions, true), [length, length]),
     });
   }
 
   /** Every decoder layer's cross-attention keys/values (`cross.{i}.key`), computed once per input. */
   async t5Cross(encoderHidden: ort.Tensor): Promise<Tensors> {
-    const s = await this.sessions.get("t5_cross", () => t5CrossGraph(this.checkpoint, this.t5));
+    const s = await this.session("t5_cross");
     return s.run({ encoder_hidden_states: encoderHidden });
   }
 
-  /** T5 decoder over new tokens given the self-attention cache and the cross keys/values. */
-  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, past: Cache): Promise<{ outputs: Tensors; cache: Cache }> {
-    const s = await this.sessions.get("t5_decoder", () => t5DecoderGraph(this.checkpoint, this.t5, this.options));
+  /** T5 decoder over new tokens after those in `cache` (which receives their keys and values). */
+  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, cache: KvCache): Promise<Tensors> {
+    const s = await this.session("t5_decoder");
     const length = decoderInputIds[0]!.length;
-    const pastLength = past["past.0.value"]?.dims[2] ?? 0;
-    const total = pastLength + length;
+    // Slot j of the cache holds position j; the new tokens follow the filled slots.
+    const queries = Array.from({ length }, (_, i) => cache.length + i);
+    const keys = [...Array.from({ length: cache.capacity }, (_, j) => j), ...queries];
+    const mask = decoderInputIds.map((row) => row.map(() => 1));
     const outputs = await s.run({
       decoder_input_ids: tensor.i64(decoderInputIds.flat(), [decoderInputIds.length, length]),
-      position_buckets: tensor.i64(relativePositionBuckets(this.t5, length, total, pastLength, false), [length, total]),
+      position_buckets: tensor.i64(relativePositionBuckets(this.t5, queries, keys, false), [length, keys.length]),
+      attention_mask: cache.stepMask(mask),
       encoder_attention_mask: tensor.i64(encoderMask.flat(), [encoderMask.length, encoderMask[0]!.length]),
       logits_positions: logitsPositions(length, false),
       ...cross,
-      ...past,
+      ...cache.tensors,
     });
-    return { outputs, cache: presentAsPast(outputs) };
+    if (cache.capacity) cache.append(outputs, mask);
+    return outputs;
   }
 
   get textHiddenSize(): number {
@@ -165,10 +187,4 @@ export class Blip2Runtime {
 
 function logitsPositions(length: number, lastOnly: boolean): ort.Tensor {
   return lastOnly ? tensor.i64([length - 1], [1]) : tensor.i64(Array.from({ length }, (_, i) => i), [length]);
-}
-
-function presentAsPast(outputs: Tensors): Cache {
-  const cache: Cache = {};
-  for (const [name, t] of Object.entries(outputs)) if (name.startsWith("present.")) cache[`past.${name.slice(8)}`] = t;
-  return cache;
 }

@@ -1,0 +1,115 @@
+/**
+ * Speed and memory benchmark on full-size BLIP-2 shapes with random weights (generated once):
+ * for each dtype and thread count, a fresh process loads the model and measures the image path,
+ * time to first token, per-token decode, a 20-token caption, a batch of 4 captions, peak memory
+ * and (lower precisions) logits quality against float32. Also measures the machine's read
+ * bandwidth, for the decode floor. Prints a table and a JSON line.
+ *
+ * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20]
+ */
+import { execFile } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { parseArgs } from "node:util";
+import { loadCheckpoint } from "../src/api/load.js";
+import { Graph } from "../src/ir/graph.js";
+import * as op from "../src/ir/ops.js";
+import { CompiledGraph } from "../src/runtime/session.js";
+import { syntheticCheckpoint, type Variant } from "./synthetic-checkpoint.js";
+
+const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" } } });
+const variant = (values.model ?? "opt-2.7b") as Variant;
+const dtypes = (values.dtypes ?? "fp32,q8,q4").split(",");
+const threadCounts = (values.threads ?? "2,1").split(",").map(Number);
+const runs = values.runs ?? "3";
+const tokens = values.tokens ?? "20";
+const GB = 1e9;
+
+const dir = syntheticCheckpoint(variant);
+const reference = path.join(os.tmpdir(), `blip2-bench-${variant}-logits.f32`);
+fs.rmSync(reference, { force: true });
+
+/** Read every file once so that load times exclude a cold page cache. */
+function warm(files: string[]): void {
+  const buf = Buffer.alloc(64 << 20);
+  for (const f of files) {
+    const fd = fs.openSync(f, "r");
+    while (fs.readSync(fd, buf, 0, buf.length, null) > 0);
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Read bandwidth: ONNX Runtime multiplying a 4 GB block of a weight shard (memory-mapped, in the
+ * page cache) by a vector, which is what decoding does with every weight.
+ */
+async function bandwidth(threads: number): Promise<number> {
+  const shard = path.join(dir, fs.readdirSync(dir).filter((f) => f.endsWith(".safetensors")).sort()[0]!);
+  const bytes = Math.min(4 * GB, fs.statSync(shard).size - 4096);
+  const cols = 2560;
+  const rows = Math.floor(bytes / 4 / cols);
+  const g = new Graph("bandwidth");
+  const x = g.input("x", "float32", [cols, 1]);
+  const data = g.weight({ name: "data", dtype: "F32", shape: [rows, cols], file: shard, offset: 4096, byteLength: rows * cols * 4 });
+  g.output(op.matmul(data, x), "y");
+  const s = await CompiledGraph.create(g, { threads });
+  const feeds = { x: new (await import("onnxruntime-node")).Tensor("float32", new Float32Array(cols).fill(1), [cols, 1]) };
+  await s.run(feeds);
+  const times: number[] = [];
+  for (let r = 0; r < 5; r++) {
+    const t = performance.now();
+    await s.run(feeds);
+    times.push((performance.now() - t) / 1000);
+  }
+  await s.release();
+  return (rows * cols * 4) / Math.min(...times) / GB;
+}
+
+const run = promisify(execFile);
+const results: Record<string, unknown>[] = [];
+const bw: Record<number, number> = {};
+for (const t of threadCounts) bw[t] = await bandwidth(t);
+for (const dtype of dtypes) {
+  // Convert once, outside the timed load.
+  const ckpt = await loadCheckpoint(dir, { dtype: dtype as "fp32" });
+  const files = [...new Set(ckpt.names().map((n) => ckpt.tensor(n).file))];
+  for (const threads of threadCounts) {
+    warm(files);
+    const worker = path.join(path.dirname(new URL(import.meta.url).pathname), "bench-worker.ts");
+    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference], { maxBuffer: 1 << 24 });
+    const r = JSON.parse(stdout.trim().split("\n").at(-1)!);
+    results.push(r);
+    console.error(`done: ${dtype}, ${threads} thread(s)`);
+  }
+}
+
+const PYTORCH = { vision1: 5.75, ttft: [7.9, 9.3], perToken: [1.27, 1.39], total: [32, 36], peakRss: 14.9 * 2 ** 30 };
+const f = (x: number, d = 2) => x.toFixed(d);
+const cell = (s: { median: number; min: number; max: number }) => `${f(s.median)} (${f(s.min)}-${f(s.max)})`;
+const columns = results.map((r: any) => `${r.dtype} ${r.threads}t`);
+const row = (label: string, get: (r: any) => string) => [label, ...results.map(get)];
+const table = [
+  ["", ...columns],
+  row("model load, s", (r) => f(r.loadS, 1)),
+  row("vision+Q-Former+proj, 1 image, s", (r) => cell(r.vision1)),
+  row("  same, per image at batch 4, s", (r) => cell(r.vision4PerImage)),
+  row("time to first token, s", (r) => cell(r.ttft)),
+  row("decode per token, s", (r) => cell(r.perToken)),
+  row("  bandwidth floor (LM bytes / read GB/s), s", (r) => f(r.lmBytesPerToken / GB / bw[r.threads]!, 3)),
+  row("  % of floor", (r) => `${f((100 * (r.lmBytesPerToken / GB / bw[r.threads]!)) / r.perToken.median, 0)}%`),
+  row(`${tokens}-token caption, s`, (r) => cell(r.total)),
+  row("  x PyTorch (32-36 s)", (r) => f(r.total.median / 34, 2)),
+  row("batch of 4 captions, s", (r) => cell(r.batch4Total)),
+  row("  throughput x batch 1", (r) => f((4 * r.total.median) / r.batch4Total.median, 2)),
+  row("  decode tokens/s x batch 1", (r) => f((4 * r.perToken.median) / r.batch4PerToken.median, 2)),
+  row("weights in use, GB", (r) => f(r.weightBytes / GB)),
+  row("peak resident, GB (x weights)", (r) => `${f(r.memory.peakRss / GB)} (${f(r.memory.peakRss / r.weightBytes)})`),
+  row("peak private (anon), GB", (r) => f(r.memory.peakAnon / GB)),
+  row("logits cosine vs fp32 (top-1 agree)", (r) => (r.quality ? `${f(r.quality.cosine, 4)} (${r.quality.top1})` : "-")),
+];
+const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length)));
+console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); read bandwidth ${threadCounts.map((t) => `${f(bw[t]!, 1)} GB/s at ${t}t`).join(", ")}; medians of ${runs} runs (min-max)`);
+for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
+console.log(JSON.stringify({ bench: "blip2", model: variant, cores: os.cpus().length, bandwidthGBs: bw, pytorch: PYTORCH, results }));

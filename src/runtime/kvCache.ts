@@ -1,0 +1,74 @@
+/**
+ * The decoder's key/value cache as fixed-capacity buffers allocated once per generation: each step
+ * feeds the whole buffers (ONNX Runtime reads them in place) with a mask telling which slots hold
+ * keys, and gets back only the new positions' keys and values, which are written into the next
+ * free slots. Nothing of the cache's size is allocated or copied per step.
+ */
+import * as ort from "onnxruntime-node";
+import { Blip2Error } from "../errors.js";
+
+export class KvCache {
+  /** `past.{i}.key` / `past.{i}.value`: [rows, heads, capacity, headDim], zero-filled. */
+  readonly tensors: Record<string, ort.Tensor> = {};
+  /** Filled slots. */
+  length = 0;
+  /** Per row and slot: 1 where the slot holds a key to attend to (0 for padding and empty slots). */
+  private slotMask: Uint8Array;
+
+  constructor(
+    readonly layers: number,
+    readonly rows: number,
+    readonly heads: number,
+    readonly capacity: number,
+    readonly headDim: number,
+  ) {
+    const size = rows * heads * capacity * headDim;
+    for (let i = 0; i < layers; i++) {
+      for (const kind of ["key", "value"]) this.tensors[`past.${i}.${kind}`] = new ort.Tensor("float32", new Float32Array(size), [rows, heads, capacity, headDim]);
+    }
+    this.slotMask = new Uint8Array(rows * capacity);
+  }
+
+  /** The attention mask for a step: every slot, then the new positions' own mask. */
+  stepMask(newMask: number[][]): ort.Tensor {
+    const width = newMask[0]!.length;
+    if (newMask.length !== this.rows) throw new Blip2Error(`internal: mask for ${newMask.length} rows, cache has ${this.rows}`);
+    const out = new BigInt64Array(this.rows * (this.capacity + width));
+    for (let r = 0; r < this.rows; r++) {
+      const at = r * (this.capacity + width);
+      for (let s = 0; s < this.capacity; s++) out[at + s] = BigInt(this.slotMask[r * this.capacity + s]!);
+      newMask[r]!.forEach((m, j) => (out[at + this.capacity + j] = BigInt(m)));
+    }
+    return new ort.Tensor("int64", out, [this.rows, this.capacity + width]);
+  }
+
+  /** Writes a step's new keys/values (`new.{i}.key`, [rows, heads, S, headDim]) into the next slots. */
+  append(outputs: Record<string, ort.Tensor>, newMask: number[][]): void {
+    const steps = newMask[0]!.length;
+    if (this.length + steps > this.capacity) throw new Blip2Error(`internal: key/value cache of ${this.capacity} positions is full`);
+    const { rows, heads, capacity, headDim } = this;
+    for (const [name, t] of Object.entries(this.tensors)) {
+      const src = outputs[`new.${name.slice(5)}`]?.data as Float32Array | undefined;
+      if (!src) throw new Blip2Error(`internal: the decoder did not return new.${name.slice(5)}`);
+      const dst = t.data as Float32Array;
+      for (let rh = 0; rh < rows * heads; rh++) {
+        dst.set(src.subarray(rh * steps * headDim, (rh + 1) * steps * headDim), (rh * capacity + this.length) * headDim);
+      }
+    }
+    for (let r = 0; r < rows; r++) newMask[r]!.forEach((m, j) => (this.slotMask[r * capacity + this.length + j] = m));
+    this.length += steps;
+  }
+
+  /** Keeps rows `index` in that order (beam search). */
+  reorder(index: number[]): void {
+    if (index.every((r, i) => r === i)) return;
+    const rowSize = this.heads * this.capacity * this.headDim;
+    for (const t of Object.values(this.tensors)) {
+      const data = t.data as Float32Array;
+      const copy = data.slice();
+      index.forEach((from, to) => data.set(copy.subarray(from * rowSize, (from + 1) * rowSize), to * rowSize));
+    }
+    const masks = this.slotMask.slice();
+    index.forEach((from, to) => this.slotMask.set(masks.subarray(from * this.capacity, (from + 1) * this.capacity), to * this.capacity));
+  }
+}
