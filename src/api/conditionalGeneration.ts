@@ -34,7 +34,7 @@ export class Blip2ForConditionalGeneration {
     if (checkpoint.config.architectures.includes("Blip2ForImageTextRetrieval")) {
       throw new Blip2Error(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`);
     }
-    return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, { device: options.device, threads: options.threads }));
+    return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, { device: options.device, threads: options.threads, worker: options.worker }));
   }
 
   get config() {

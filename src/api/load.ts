@@ -16,6 +16,8 @@ export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
   device?: Device;
   /** Threads per ONNX Runtime session (default: one per core). */
   threads?: number;
+  /** Run inference in a worker thread so the event loop stays free (default true). */
+  worker?: boolean;
   /** Root of the blip2 cache for converted weights (default $BLIP2_CACHE, else ~/.cache/blip2). */
   blip2Cache?: string;
   /** Told how the one-time conversion of weights to `dtype` advances. */

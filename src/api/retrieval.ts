@@ -40,7 +40,7 @@ export class Blip2ForImageTextRetrieval {
 
   static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForImageTextRetrieval> {
     const checkpoint = await loadCheckpoint(src, options);
-    const runtime = new RetrievalRuntime(checkpoint, { device: options.device, threads: options.threads });
+    const runtime = new RetrievalRuntime(checkpoint, { device: options.device, threads: options.threads, worker: options.worker });
     return new Blip2ForImageTextRetrieval(checkpoint, await Blip2Processor.fromDirectory(checkpoint.dir, checkpoint.config, options), runtime);
   }
 

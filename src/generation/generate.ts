@@ -10,7 +10,7 @@
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
 import type { Blip2Runtime, Tensors } from "../runtime/blip2Runtime.js";
-import type { KvCache } from "../runtime/kvCache.js";
+import type { CacheHandle } from "../runtime/session.js";
 import { tensor } from "../runtime/session.js";
 import type { ResolvedGeneration } from "./options.js";
 import { beamSearch, sampleOrGreedy, type DecodingModel, type SearchResult, type TokenCallback } from "./search.js";
@@ -55,8 +55,13 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
+  const decoding = model;
   if (hooks.onLogits) model = observeLogits(model, hooks.onLogits);
-  return g.numBeams > 1 ? beamSearch(model, prompts, g) : sampleOrGreedy(model, prompts, g, hooks.onToken);
+  try {
+    return g.numBeams > 1 ? await beamSearch(model, prompts, g) : await sampleOrGreedy(model, prompts, g, hooks.onToken);
+  } finally {
+    await (decoding as OptDecoding | T5Decoding).release();
+  }
 }
 
 function observeLogits(model: DecodingModel, onLogits: (logits: Float32Array) => void): DecodingModel {
@@ -95,62 +100,68 @@ function lastPosition(logits: ort.Tensor): Float32Array {
 }
 
 class OptDecoding implements DecodingModel {
-  private readonly cache: KvCache;
+  private cache: CacheHandle | null = null;
 
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly embeds: ort.Tensor,
     private readonly promptMask: number[][],
-    maxNewTokens: number,
-  ) {
-    this.cache = rt.newCache(promptMask.length, embeds.dims[1]! + maxNewTokens);
-  }
+    private readonly maxNewTokens: number,
+  ) {}
 
   get vocabSize(): number {
     return this.rt.config.text.vocabSize;
   }
 
   async prefill(): Promise<Float32Array> {
+    this.cache = await this.rt.newCache(this.promptMask.length, this.embeds.dims[1]! + this.maxNewTokens);
     return lastPosition((await this.rt.optDecode(this.embeds, this.promptMask, this.cache, true)).logits!);
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
     const embeds = await this.rt.embed(tokens.map((t) => [t]));
-    return lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache, true)).logits!);
+    return lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache!, true)).logits!);
   }
 
-  reorder(index: number[]): void {
-    this.cache.reorder(index);
+  reorder(index: number[]): Promise<void> {
+    return this.cache!.reorder(index);
+  }
+
+  async release(): Promise<void> {
+    await this.cache?.drop();
   }
 }
 
 class T5Decoding implements DecodingModel {
-  private readonly cache: KvCache;
+  private cache: CacheHandle | null = null;
 
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly cross: Tensors,
     private readonly encoderMask: number[][],
     private readonly startToken: number,
-    maxNewTokens: number,
-  ) {
-    this.cache = rt.newCache(encoderMask.length, 1 + maxNewTokens);
-  }
+    private readonly maxNewTokens: number,
+  ) {}
 
   get vocabSize(): number {
     return this.rt.config.text.vocabSize;
   }
 
-  prefill(): Promise<Float32Array> {
+  async prefill(): Promise<Float32Array> {
+    this.cache = await this.rt.newCache(this.encoderMask.length, 1 + this.maxNewTokens);
     return this.step(this.encoderMask.map(() => this.startToken));
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
-    return lastPosition((await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache)).logits!);
+    return lastPosition((await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache!)).logits!);
   }
 
   /** Beams of one input share its encoder output, so only the self-attention cache moves. */
-  reorder(index: number[]): void {
-    this.cache.reorder(index);
+  reorder(index: number[]): Promise<void> {
+    return this.cache!.reorder(index);
+  }
+
+  async release(): Promise<void> {
+    await this.cache?.drop();
   }
 }

@@ -16,7 +16,7 @@ export interface DecodingModel {
   /** Append one token per row; logits of the new position. */
   step(tokens: number[]): Promise<Float32Array>;
   /** Keep rows `index` (in that order): beam reordering. */
-  reorder(index: number[]): void;
+  reorder(index: number[]): void | Promise<void>;
 }
 
 export interface SearchResult {
@@ -125,7 +125,7 @@ export async function beamSearch(model: DecodingModel, prompts: number[][], g: R
     for (let b = 0; b < batch; b++) improvable[b] = improvable[b] && canImprove(finished[b]!, runningScores[b * beams]!, curLen + 1 - promptLength, g, beams);
     const allFull = finished.every((f) => f.length >= beams) && g.earlyStopping === true;
     if (!improvable.some(Boolean) || allFull || !anyContinuation) break;
-    model.reorder(reorder);
+    await model.reorder(reorder);
     logits = await model.step(running.map((r) => r[r.length - 1]!));
   }
   return collect(finished, g);

@@ -10,8 +10,7 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph } from "../ir/graph.js";
-import { KvCache } from "./kvCache.js";
-import { SessionCache, tensor, type CompiledGraph, type RuntimeOptions } from "./session.js";
+import { SessionCache, tensor, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
@@ -113,11 +112,12 @@ export class Blip2Runtime {
   }
 
   /** A key/value cache for `rows` sequences and `capacity` positions (0 for a single pass). */
-  newCache(rows: number, capacity: number): KvCache {
+  async newCache(rows: number, capacity: number): Promise<CacheHandle> {
     const t = this.config.text;
+    const decoder = await this.session(t.modelType === "opt" ? "opt_decoder" : "t5_decoder");
     return t.modelType === "opt"
-      ? new KvCache(t.numHiddenLayers, rows, t.numAttentionHeads, capacity, t.hiddenSize / t.numAttentionHeads)
-      : new KvCache(t.numDecoderLayers, rows, t.numHeads, capacity, t.dKv);
+      ? decoder.newCache({ layers: t.numHiddenLayers, rows, heads: t.numAttentionHeads, capacity, headDim: t.hiddenSize / t.numAttentionHeads })
+      : decoder.newCache({ layers: t.numDecoderLayers, rows, heads: t.numHeads, capacity, headDim: t.dKv });
   }
 
   /**
@@ -125,16 +125,9 @@ export class Blip2Runtime {
    * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
    * that generation needs).
    */
-  async optDecode(embeds: ort.Tensor, mask: number[][], cache: KvCache, lastOnly = false): Promise<Tensors> {
+  async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false): Promise<Tensors> {
     const s = await this.session("opt_decoder");
-    const outputs = await s.run({
-      inputs_embeds: embeds,
-      attention_mask: cache.stepMask(mask),
-      logits_positions: logitsPositions(embeds.dims[1]!, lastOnly),
-      ...cache.tensors,
-    });
-    if (cache.capacity) cache.append(outputs, mask);
-    return outputs;
+    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask });
   }
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
@@ -156,24 +149,21 @@ export class Blip2Runtime {
   }
 
   /** T5 decoder over new tokens after those in `cache` (which receives their keys and values). */
-  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, cache: KvCache): Promise<Tensors> {
+  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, cache: CacheHandle): Promise<Tensors> {
     const s = await this.session("t5_decoder");
     const length = decoderInputIds[0]!.length;
     // Slot j of the cache holds position j; the new tokens follow the filled slots.
     const queries = Array.from({ length }, (_, i) => cache.length + i);
     const keys = [...Array.from({ length: cache.capacity }, (_, j) => j), ...queries];
     const mask = decoderInputIds.map((row) => row.map(() => 1));
-    const outputs = await s.run({
+    const feeds = {
       decoder_input_ids: tensor.i64(decoderInputIds.flat(), [decoderInputIds.length, length]),
       position_buckets: tensor.i64(relativePositionBuckets(this.t5, queries, keys, false), [length, keys.length]),
-      attention_mask: cache.stepMask(mask),
       encoder_attention_mask: tensor.i64(encoderMask.flat(), [encoderMask.length, encoderMask[0]!.length]),
       logits_positions: logitsPositions(length, false),
       ...cross,
-      ...cache.tensors,
-    });
-    if (cache.capacity) cache.append(outputs, mask);
-    return outputs;
+    };
+    return s.run(feeds, { cache, mask });
   }
 
   get textHiddenSize(): number {

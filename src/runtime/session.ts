@@ -9,22 +9,136 @@ import fs from "node:fs";
 import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import type { Graph } from "../ir/graph.js";
+import { Worker } from "node:worker_threads";
+import { Graph } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
+import { warnOnce } from "../warn.js";
+import { fromWire, SessionHost, toWire, type CacheShape, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
 
 export interface RuntimeOptions {
   /** Intra-op threads (default: ONNX Runtime's choice, one per core). */
   threads?: number;
+  /** Where to run; an unavailable device falls back to the CPU with a warning. */
   device?: Device;
+  /**
+   * Run sessions in a worker thread, so that the event loop stays free during long runs (default
+   * true). Off, they run in this thread (slightly less copying of inputs).
+   */
+  worker?: boolean;
+}
+
+/** The operations of a session host, here or in a worker thread. */
+interface Host {
+  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void>;
+  run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
+  release(id: number): Promise<void>;
+  newCache(id: number, shape: CacheShape): Promise<void>;
+  reorderCache(id: number, index: number[]): Promise<void>;
+  dropCache(id: number): Promise<void>;
+}
+
+class LocalHost implements Host {
+  private readonly host = new SessionHost();
+  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions) {
+    return this.host.create(id, name, bytes, options);
+  }
+  run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep) {
+    return this.host.run(id, feeds, step);
+  }
+  release(id: number) {
+    return this.host.release(id);
+  }
+  async newCache(id: number, shape: CacheShape) {
+    this.host.newCache(id, shape);
+  }
+  async reorderCache(id: number, index: number[]) {
+    this.host.reorderCache(id, index);
+  }
+  async dropCache(id: number) {
+    this.host.dropCache(id);
+  }
+}
+
+/** One worker thread for the process, referenced only while it has work (so it never holds the process open). */
+class WorkerHost implements Host {
+  private readonly worker: Worker;
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private seq = 0;
+  private failure: Error | null = null;
+
+  constructor() {
+    const here = new URL(import.meta.url);
+    if (here.pathname.endsWith(".ts")) {
+      // Running from the TypeScript sources (tests, tsx): load the worker through tsx.
+      const entry = new URL("./sessionWorker.ts", here).href;
+      this.worker = new Worker(`import("tsx/esm/api").then((tsx) => { tsx.register(); return import(${JSON.stringify(entry)}); });`, { eval: true });
+    } else {
+      this.worker = new Worker(new URL("./sessionWorker.js", here));
+    }
+    this.worker.unref();
+    this.worker.on("message", (m: { seq: number; result?: unknown; error?: string }) => {
+      const p = this.pending.get(m.seq);
+      this.pending.delete(m.seq);
+      if (!this.pending.size) this.worker.unref();
+      if (m.error !== undefined) p?.reject(new Blip2Error(m.error));
+      else p?.resolve(m.result);
+    });
+    const fail = (err: Error) => {
+      this.failure = new Blip2Error(`the inference worker failed: ${describeError(err)}`);
+      for (const p of this.pending.values()) p.reject(this.failure);
+      this.pending.clear();
+    };
+    this.worker.on("error", fail);
+    this.worker.on("exit", (code) => fail(new Error(`it exited with code ${code}`)));
+  }
+
+  private call<T>(message: Record<string, unknown>, transfer: ArrayBuffer[] = []): Promise<T> {
+    if (this.failure) return Promise.reject(this.failure);
+    const seq = ++this.seq;
+    if (!this.pending.size) this.worker.ref();
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(seq, { resolve: resolve as (v: unknown) => void, reject });
+      this.worker.postMessage({ ...message, seq }, transfer);
+    });
+  }
+
+  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions) {
+    return this.call<void>({ op: "create", id, name, bytes, options }, [bytes.buffer as ArrayBuffer]);
+  }
+  async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep) {
+    return fromWire(await this.call<Record<string, WireTensor>>({ op: "run", id, feeds: toWire(feeds), step }));
+  }
+  release(id: number) {
+    return this.call<void>({ op: "release", id });
+  }
+  newCache(id: number, shape: CacheShape) {
+    return this.call<void>({ op: "newCache", id, shape });
+  }
+  reorderCache(id: number, index: number[]) {
+    return this.call<void>({ op: "reorderCache", id, index });
+  }
+  dropCache(id: number) {
+    return this.call<void>({ op: "dropCache", id });
+  }
+}
+
+let localHost: LocalHost | null = null;
+let workerHost: WorkerHost | null = null;
+let nextId = 0;
+
+function hostFor(options: RuntimeOptions): Host {
+  if (options.worker === false) return (localHost ??= new LocalHost());
+  return (workerHost ??= new WorkerHost());
 }
 
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
   private constructor(
     readonly name: string,
-    private readonly session: ort.InferenceSession,
+    private readonly host: Host,
+    private readonly id: number,
   ) {}
 
   static async create(graph: Graph, options: RuntimeOptions = {}): Promise<CompiledGraph> {
@@ -32,8 +146,10 @@ export class CompiledGraph {
     const real = new Map(files.map((f) => [f, realPath(f)]));
     const folder = commonFolder([...real.values()]);
     const bytes = serializeGraph(graph, { externalLocation: (file) => path.relative(folder, real.get(file)!) });
+    const device = await usableDevice(options.device ?? "cpu");
     const sessionOptions: ort.InferenceSession.SessionOptions = {
-      executionProviders: [options.device ?? "cpu"],
+      // Nodes the device cannot run fall back to the CPU.
+      executionProviders: device === "cpu" ? ["cpu"] : [device, "cpu"],
       graphOptimizationLevel: "all",
       ...(options.threads ? { intraOpNumThreads: options.threads, interOpNumThreads: 1 } : {}),
       extra: {
@@ -46,31 +162,75 @@ export class CompiledGraph {
         },
       },
     };
-    try {
-      return new CompiledGraph(graph.name, await ort.InferenceSession.create(bytes, sessionOptions));
-    } catch (err) {
-      throw new Blip2Error(`cannot create the ${graph.name} session: ${describeError(err)}`, { cause: err });
-    }
+    const host = hostFor(options);
+    const id = ++nextId;
+    await host.create(id, graph.name, bytes, sessionOptions);
+    return new CompiledGraph(graph.name, host, id);
   }
 
-  async run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
-    try {
-      return (await this.session.run(feeds)) as Record<string, ort.Tensor>;
-    } catch (err) {
-      throw new Blip2Error(`${this.name}: ${describeError(err)}`, { cause: err });
-    }
+  /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
+  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][] }): Promise<Record<string, ort.Tensor>> {
+    if (step && step.cache.host !== this.host) throw new Blip2Error("internal: cache and session live in different hosts");
+    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask });
+    if (step) step.cache.length += step.mask[0]!.length;
+    return run;
   }
 
-  get inputNames(): readonly string[] {
-    return this.session.inputNames;
+  /** A key/value cache beside this session (see runtime/kvCache.ts). */
+  async newCache(shape: CacheShape): Promise<CacheHandle> {
+    const id = ++nextId;
+    await this.host.newCache(id, shape);
+    return new CacheHandle(this.host, id, shape.capacity);
   }
 
-  get outputNames(): readonly string[] {
-    return this.session.outputNames;
+  release(): Promise<void> {
+    return this.host.release(this.id);
+  }
+}
+
+/** A key/value cache kept by a session host: its capacity and how many slots are filled. */
+export class CacheHandle {
+  length = 0;
+
+  constructor(
+    readonly host: Host,
+    readonly id: number,
+    readonly capacity: number,
+  ) {}
+
+  reorder(index: number[]): Promise<void> {
+    return this.host.reorderCache(this.id, index);
   }
 
-  async release(): Promise<void> {
-    await this.session.release();
+  drop(): Promise<void> {
+    return this.host.dropCache(this.id);
+  }
+}
+
+const devices = new Map<Device, Promise<Device>>();
+
+/** The device if ONNX Runtime can use it here, else the CPU (said once). */
+function usableDevice(device: Device): Promise<Device> {
+  if (device === "cpu") return Promise.resolve("cpu");
+  let probe = devices.get(device);
+  if (!probe) {
+    probe = probeDevice(device);
+    devices.set(device, probe);
+  }
+  return probe;
+}
+
+async function probeDevice(device: Device): Promise<Device> {
+  const g = new Graph("probe");
+  const x = g.input("x", "float32", [1]);
+  g.output(g.addNode("Relu", [x], {}, [{ dtype: "float32", shape: [1] }])[0]!, "y");
+  try {
+    const s = await ort.InferenceSession.create(serializeGraph(g, { externalLocation: () => "" }), { executionProviders: [device], logSeverityLevel: 4 });
+    await s.release();
+    return device;
+  } catch (err) {
+    warnOnce(`device ${device} is not available here (${describeError(err).slice(0, 160)}); running on the CPU`);
+    return "cpu";
   }
 }
 

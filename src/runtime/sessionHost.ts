@@ -1,0 +1,108 @@
+/**
+ * Where ONNX Runtime sessions and the key/value caches they use live: in this thread, or in a
+ * worker thread (runtime/sessionWorker.ts) so that long runs do not block the event loop. The
+ * caches stay beside the sessions, so a decoding step sends only the new tokens' inputs and gets
+ * back only its outputs.
+ */
+import * as ort from "onnxruntime-node";
+import { Blip2Error, describeError } from "../errors.js";
+import { KvCache } from "./kvCache.js";
+
+export interface CacheShape {
+  layers: number;
+  rows: number;
+  heads: number;
+  capacity: number;
+  headDim: number;
+}
+
+/** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
+export interface CacheStep {
+  cache: number;
+  mask: number[][];
+}
+
+/** The operations a host offers; ids are chosen by the caller. */
+export class SessionHost {
+  private readonly sessions = new Map<number, { name: string; session: ort.InferenceSession }>();
+  private readonly caches = new Map<number, KvCache>();
+
+  async create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void> {
+    try {
+      this.sessions.set(id, { name, session: await ort.InferenceSession.create(bytes, options) });
+    } catch (err) {
+      throw new Blip2Error(`cannot create the ${name} session: ${describeError(err)}`);
+    }
+  }
+
+  async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
+    const { name, session } = this.session(id);
+    const cache = step ? this.cache(step.cache) : null;
+    const all = cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors } : feeds;
+    let outputs: Record<string, ort.Tensor>;
+    try {
+      outputs = (await session.run(all)) as Record<string, ort.Tensor>;
+    } catch (err) {
+      throw new Blip2Error(`${name}: ${describeError(err)}`);
+    }
+    if (cache) {
+      if (cache.capacity) cache.append(outputs, step!.mask);
+      for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
+    }
+    return outputs;
+  }
+
+  async release(id: number): Promise<void> {
+    const s = this.sessions.get(id);
+    this.sessions.delete(id);
+    await s?.session.release();
+  }
+
+  newCache(id: number, shape: CacheShape): void {
+    this.caches.set(id, new KvCache(shape.layers, shape.rows, shape.heads, shape.capacity, shape.headDim));
+  }
+
+  reorderCache(id: number, index: number[]): void {
+    this.cache(id).reorder(index);
+  }
+
+  dropCache(id: number): void {
+    this.caches.delete(id);
+  }
+
+  private session(id: number) {
+    const s = this.sessions.get(id);
+    if (!s) throw new Blip2Error(`internal: no session ${id}`);
+    return s;
+  }
+
+  private cache(id: number): KvCache {
+    const c = this.caches.get(id);
+    if (!c) throw new Blip2Error(`internal: no key/value cache ${id}`);
+    return c;
+  }
+}
+
+/** Tensors as plain objects, for messages between threads. */
+export interface WireTensor {
+  type: ort.Tensor.Type;
+  dims: readonly number[];
+  data: ort.Tensor["data"];
+}
+
+export function toWire(tensors: Record<string, ort.Tensor>): Record<string, WireTensor> {
+  const out: Record<string, WireTensor> = {};
+  for (const [name, t] of Object.entries(tensors)) out[name] = { type: t.type, dims: t.dims, data: t.data };
+  return out;
+}
+
+export function fromWire(tensors: Record<string, WireTensor>): Record<string, ort.Tensor> {
+  const out: Record<string, ort.Tensor> = {};
+  for (const [name, t] of Object.entries(tensors)) out[name] = new ort.Tensor(t.type, t.data as Float32Array, t.dims);
+  return out;
+}
+
+/** The buffers of tensors, to transfer rather than copy. */
+export function buffersOf(tensors: Record<string, WireTensor>): ArrayBuffer[] {
+  return [...new Set(Object.values(tensors).map((t) => (t.data as ArrayBufferView).buffer as ArrayBuffer))];
+}

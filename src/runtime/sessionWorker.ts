@@ -1,0 +1,40 @@
+/** The worker thread that hosts ONNX Runtime sessions and caches for runtime/session.ts. */
+import { parentPort } from "node:worker_threads";
+import { describeError } from "../errors.js";
+import { buffersOf, fromWire, SessionHost, toWire } from "./sessionHost.js";
+
+const host = new SessionHost();
+
+parentPort!.on("message", async (m) => {
+  try {
+    let result: unknown = null;
+    let transfer: ArrayBuffer[] = [];
+    switch (m.op) {
+      case "create":
+        await host.create(m.id, m.name, m.bytes, m.options);
+        break;
+      case "run": {
+        const out = toWire(await host.run(m.id, fromWire(m.feeds), m.step));
+        result = out;
+        // Outputs are fresh buffers: handed over, not copied.
+        transfer = buffersOf(out);
+        break;
+      }
+      case "release":
+        await host.release(m.id);
+        break;
+      case "newCache":
+        host.newCache(m.id, m.shape);
+        break;
+      case "reorderCache":
+        host.reorderCache(m.id, m.index);
+        break;
+      case "dropCache":
+        host.dropCache(m.id);
+        break;
+    }
+    parentPort!.postMessage({ seq: m.seq, result }, transfer);
+  } catch (err) {
+    parentPort!.postMessage({ seq: m.seq, error: describeError(err) });
+  }
+});

@@ -1,0 +1,104 @@
+/** The runtime around ONNX Runtime: the worker thread, devices and their fallback. */
+import fs from "node:fs";
+import * as ort from "onnxruntime-node";
+import { afterAll, describe, expect, it, vi } from "vitest";
+import { Blip2, Blip2ForConditionalGeneration } from "../src/index.js";
+import { Graph } from "../src/ir/graph.js";
+import { serializeGraph } from "../src/ir/onnx.js";
+import * as op from "../src/ir/ops.js";
+import { CompiledGraph } from "../src/runtime/session.js";
+import { fixture } from "./helpers.js";
+
+const loaded: { dispose(): Promise<void> }[] = [];
+afterAll(async () => Promise.all(loaded.map((m) => m.dispose())));
+
+/** A graph that keeps ONNX Runtime busy for a while: a chain of 1024 x 1024 matrix products. */
+function busyGraph(): Graph {
+  const g = new Graph("busy");
+  let x = g.input("x", "float32", [1024, 1024]);
+  const w = g.constant(Float32Array.from({ length: 1024 * 1024 }, (_, i) => Math.sin(i) / 32), "float32", [1024, 1024]);
+  for (let i = 0; i < 24; i++) x = op.matmul(x, w);
+  g.output(x, "y");
+  return g;
+}
+
+async function ticksDuring(run: () => Promise<unknown>): Promise<number> {
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 2);
+  await run();
+  clearInterval(timer);
+  return ticks;
+}
+
+describe("inference off the main thread", () => {
+  it("the event loop keeps running during a long run in the worker, not in this thread", async () => {
+    const feeds = { x: new ort.Tensor("float32", new Float32Array(1024 * 1024).fill(0.01), [1024, 1024]) };
+    const inWorker = await CompiledGraph.create(busyGraph(), { worker: true });
+    const here = await CompiledGraph.create(busyGraph(), { worker: false });
+    const a = await inWorker.run(feeds);
+    const b = await here.run(feeds);
+    expect(Array.from((a.y!.data as Float32Array).slice(0, 8))).toEqual(Array.from((b.y!.data as Float32Array).slice(0, 8)));
+    const start = performance.now();
+    const workerTicks = await ticksDuring(() => inWorker.run(feeds));
+    const elapsed = performance.now() - start;
+    const hereTicks = await ticksDuring(() => here.run(feeds));
+    // Timers fire throughout the worker's run; in this thread they wait for the run to end.
+    expect(workerTicks).toBeGreaterThanOrEqual(Math.min(5, Math.floor(elapsed / 10)));
+    expect(hereTicks).toBeLessThanOrEqual(2);
+    await inWorker.release();
+    await here.release();
+  });
+
+  it("gives the same generations in this thread as in the worker", async () => {
+    const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
+    const b = await Blip2.load(fixture("tiny-blip2-opt"), { worker: false });
+    loaded.push(b);
+    const [r] = await b.captionAll([fixture("image0.png")], { maxNewTokens: 10, numBeams: 3, minNewTokens: 3, prompt: ref.prompts[1] });
+    expect(r!.ids).toEqual(ref.cases["1"].beam3_ids);
+  });
+});
+
+/** Whether this machine can run ONNX Runtime's WebGPU provider at all. */
+async function webgpuWorks(): Promise<boolean> {
+  const g = new Graph("probe");
+  const x = g.input("x", "float32", [1]);
+  g.output(op.relu(x), "y");
+  try {
+    await ort.InferenceSession.create(serializeGraph(g, { externalLocation: () => "" }), { executionProviders: ["webgpu"], logSeverityLevel: 4 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+const gpu = await webgpuWorks();
+
+describe("devices", () => {
+  it.skipIf(gpu)("an unavailable device falls back to the CPU with one warning", async () => {
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
+    const b = await Blip2.load(fixture("tiny-blip2-opt"), { device: "webgpu" });
+    loaded.push(b);
+    const [r] = await b.captionAll([fixture("image0.png")], { maxNewTokens: 10 });
+    expect(r!.ids).toEqual(ref.cases["0"].greedy_ids);
+    expect(warn.mock.calls.map((c) => String(c[0])).filter((m) => /device webgpu is not available here .*running on the CPU/.test(m))).toHaveLength(1);
+    warn.mockRestore();
+  });
+
+  // Where a GPU is present (not in CI), the tiny fixtures must match transformers within 1e-3 on WebGPU.
+  it.skipIf(!gpu)("webgpu: the tiny OPT and T5 models within 1e-3 of transformers", async () => {
+    const { loadReference, expectClose } = await import("./helpers.js");
+    for (const name of ["tiny-blip2-opt", "tiny-blip2-t5"]) {
+      const model = await Blip2ForConditionalGeneration.fromPretrained(fixture(name), { device: "webgpu" });
+      loaded.push(model);
+      const ref = loadReference(fixture(name, "reference.safetensors"));
+      const cases = JSON.parse(fs.readFileSync(fixture(name, "reference.json"), "utf8")).cases;
+      const rt = (model as unknown as { runtime: import("../src/runtime/blip2Runtime.js").Blip2Runtime }).runtime;
+      for (const c of ["0", "1", "2"]) {
+        const image = await rt.image(ref.get(`case${c}.pixel_values`)!.data, 1);
+        for (const k of ["vision_last_hidden_state", "qformer_last_hidden_state"]) expectClose(k, { shape: image[k]!.dims, data: image[k]!.data as Float32Array }, ref.get(`case${c}.${k}`)!, 1e-3);
+        const [ids] = await model.generate({ pixelValues: ref.get(`case${c}.pixel_values`)!.data, inputIds: [cases[c].input_ids], attentionMask: [cases[c].attention_mask], maxNewTokens: 10 });
+        expect(ids).toEqual(cases[c].greedy_ids);
+      }
+    }
+  });
+});
