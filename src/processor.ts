@@ -39,6 +39,11 @@ export interface ProcessorLoadOptions {
   imageBackend?: ImageProcessorBackend;
 }
 
+/** A processor can be called like a function, as in transformers(.js): `await processor({ images, text })`. */
+export interface Blip2Processor {
+  (inputs: ProcessorInputs): Promise<ProcessorOutputs>;
+}
+
 export class Blip2Processor {
   constructor(
     readonly imageProcessor: BlipImageProcessor,
@@ -46,7 +51,11 @@ export class Blip2Processor {
     /** `<image>` tokens put before each prompt; null for checkpoints whose processor adds none. */
     readonly numQueryTokens: number | null,
     readonly imageTokenId: number | null,
-  ) {}
+  ) {
+    // The instance is a function that processes its argument, with this class's methods and fields.
+    const call = (inputs: ProcessorInputs) => this.process(inputs);
+    return Object.assign(Object.setPrototypeOf(call, new.target.prototype), this);
+  }
 
   /** Load from a local folder or a Hub model id. */
   static async fromPretrained(src: string, options: HubOptions & ProcessorLoadOptions = {}): Promise<Blip2Processor> {

@@ -34,7 +34,8 @@ describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s through the API", (name) 
 
   it("batch: two images, two prompts, left padding after the image tokens", async () => {
     const b = await blip2;
-    const inputs = await b.processor.process({ images: [fixture("image0.png"), fixture("image1.png")], text: ref.batch.prompts, paddingSide: "left" });
+    // Callable as in transformers: processor({ images, text }).
+    const inputs = await b.processor({ images: [fixture("image0.png"), fixture("image1.png")], text: ref.batch.prompts, paddingSide: "left" });
     expect(inputs.inputIds).toEqual(ref.batch.input_ids);
     expect(inputs.attentionMask).toEqual(ref.batch.attention_mask);
     const ids = await b.model.generate({ ...inputs, maxNewTokens: 8, minNewTokens: 8 });

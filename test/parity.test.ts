@@ -135,3 +135,35 @@ describe("legacy checkpoints (no image_token_index): queries concatenated before
     close("case2.logits via concatenation", out.logits, ref.get("case2.logits"));
   });
 });
+
+describe("half-precision checkpoints (F16, BF16)", () => {
+  it.each(["F16", "BF16"] as const)("%s weights load (widened to float32 at load) and stay close to the float32 results", async (dtype) => {
+    const { copyFixture } = await import("./helpers.js");
+    const { readSafetensorsHeader, readTensorF32, floatToHalf } = await import("../src/io/safetensors.js");
+    const dir = copyFixture("tiny-blip2-opt");
+    const file = `${dir}/model.safetensors`;
+    const { tensors } = readSafetensorsHeader(file);
+    // Rewrite every tensor in half precision.
+    const half = (x: number) => (dtype === "F16" ? floatToHalf(x) : new Uint32Array(Float32Array.of(x).buffer)[0]! >>> 16);
+    const raw = new Map<string, Uint16Array>();
+    for (const [name, info] of tensors) raw.set(name, Uint16Array.from(readTensorF32(info), half));
+    const fs = await import("node:fs");
+    const header: Record<string, unknown> = {};
+    let offset = 0;
+    for (const [name, data] of raw) {
+      header[name] = { dtype, shape: tensors.get(name)!.shape, data_offsets: [offset, offset + data.byteLength] };
+      offset += data.byteLength;
+    }
+    const json = Buffer.from(JSON.stringify(header));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    fs.writeFileSync(file, Buffer.concat([len, json, ...[...raw.values()].map((d) => Buffer.from(d.buffer))]));
+    const rt = open(new Blip2Runtime(Checkpoint.open(dir)));
+    const ref = loadReference(fixture("tiny-blip2-opt", "reference.safetensors"));
+    const image = await rt.image(ref.get("case1.pixel_values")!.data, 1);
+    // Half precision rounds every weight: a looser bound than the float32 parity.
+    const tol = dtype === "F16" ? 5e-3 : 5e-2;
+    expectClose("vision_last_hidden_state", { shape: image.vision_last_hidden_state!.dims, data: image.vision_last_hidden_state!.data as Float32Array }, ref.get("case1.vision_last_hidden_state")!, tol);
+    expectClose("qformer_last_hidden_state", { shape: image.qformer_last_hidden_state!.dims, data: image.qformer_last_hidden_state!.data as Float32Array }, ref.get("case1.qformer_last_hidden_state")!, tol);
+  });
+});

@@ -26,7 +26,7 @@ import {
   storageFolder,
   writeRef,
 } from "./cache.js";
-import { hubSettings, type DownloadProgress, type HubOptions, type HubSettings } from "./settings.js";
+import { hubSettings, type HubOptions, type HubSettings } from "./settings.js";
 
 export type { DownloadProgress, HubOptions } from "./settings.js";
 export { defaultCacheDir, hfHome } from "./settings.js";

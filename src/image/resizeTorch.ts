@@ -35,12 +35,7 @@
 import { Blip2Error } from "../errors.js";
 import type { RgbImage } from "./decode.js";
 import { RESAMPLING_NAMES, Resampling } from "./resize.js";
-
-interface AaFilter {
-  fn: (x: number) => number;
-  /** PyTorch's `interp_size`: 2 for bilinear, 4 for bicubic; the support is half of it. */
-  interpSize: number;
-}
+import { filterWindows, fixedPoint, separableResize, type FixedWeights, type Kernel } from "./separable.js";
 
 /** PyTorch's `HelperInterpLinear::aa_filter`. */
 function triangle(x: number): number {
@@ -58,118 +53,20 @@ function keysCubic(x: number): number {
   return 0.0;
 }
 
-const BILINEAR_AA: AaFilter = { fn: triangle, interpSize: 2 };
-const BICUBIC_AA: AaFilter = { fn: keysCubic, interpSize: 4 };
-
-/** The int16 weights of one axis: output i reads inputs start[i] .. start[i] + count[i] - 1. */
-interface AxisWeights {
-  /** Weights per output pixel (the stride of `weights`). */
-  ksize: number;
-  start: Int32Array;
-  count: Int32Array;
-  /** int16 weights, `ksize` per output pixel (zero past `count`). */
-  weights: Int16Array;
-  /** Fraction bits of the weights. */
-  precision: number;
-}
+// PyTorch's interp_size is 2 (bilinear) and 4 (bicubic): the support is half of it.
+const BILINEAR_AA: Kernel = { fn: triangle, support: 1 };
+const BICUBIC_AA: Kernel = { fn: keysCubic, support: 2 };
 
 /**
- * `_compute_index_ranges_weights` (antialias branch) followed by
- * `_compute_index_ranges_int16_weights`, for a resize by size (no scale factor given, no
- * align_corners).
+ * `_compute_index_ranges_int16_weights`: the weights in int16 with the most fraction bits for
+ * which the largest weight still fits (at most 22).
  */
-function computeAxisWeights(inSize: number, outSize: number, filter: AaFilter): AxisWeights {
-  // area_pixel_compute_scale<double>: input_size / output_size.
-  const scale = inSize / outSize;
-  const support = scale >= 1.0 ? filter.interpSize * 0.5 * scale : filter.interpSize * 0.5;
-  const ksize = Math.ceil(support) * 2 + 1;
-  const invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
-
-  const start = new Int32Array(outSize);
-  const count = new Int32Array(outSize);
-  const w = new Float64Array(outSize * ksize);
-  let wtMax = 0.0;
-  for (let i = 0; i < outSize; i++) {
-    const center = scale * (i + 0.5);
-    // static_cast<int64_t> truncates toward zero.
-    const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
-    let xsize = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
-    xsize = Math.min(Math.max(xsize, 0), ksize);
-    const row = i * ksize;
-    let total = 0.0;
-    for (let j = 0; j < xsize; j++) {
-      const v = filter.fn((j + xmin - center + 0.5) * invscale);
-      w[row + j] = v;
-      total += v;
-    }
-    if (total !== 0.0) {
-      for (let j = 0; j < xsize; j++) {
-        w[row + j] = w[row + j]! / total;
-        wtMax = Math.max(wtMax, w[row + j]!);
-      }
-    }
-    start[i] = xmin;
-    count[i] = xsize;
-  }
-
-  // The most fraction bits for which the largest weight still fits in int16.
+function int16Weights(inSize: number, outSize: number, kernel: Kernel): FixedWeights {
+  const windows = filterWindows(inSize, outSize, kernel);
+  const largest = windows.weights.reduce((m, w) => Math.max(m, w), 0);
   let precision = 0;
-  for (; precision < 22; precision++) {
-    const next = Math.trunc(0.5 + wtMax * 2 ** (precision + 1));
-    if (next >= 1 << 15) break;
-  }
-  const one = 2 ** precision;
-  const weights = new Int16Array(outSize * ksize);
-  for (let k = 0; k < w.length; k++) {
-    const v = w[k]! * one;
-    // Round half away from zero, then truncate, as the C code does.
-    weights[k] = v < 0 ? Math.trunc(-0.5 + v) : Math.trunc(0.5 + v);
-  }
-  return { ksize, start, count, weights, precision };
-}
-
-/** One pass along x: `basic_loop_aa_horizontal<uint8_t>` for every row and channel. */
-function passHorizontal(src: Uint8Array, inW: number, rows: number, outW: number, c: AxisWeights): Uint8Array {
-  const out = new Uint8Array(outW * rows * 3);
-  const { ksize, start, count, weights, precision } = c;
-  const half = 1 << (precision - 1);
-  for (let y = 0; y < rows; y++) {
-    const inRow = y * inW * 3;
-    const outRow = y * outW * 3;
-    for (let x = 0; x < outW; x++) {
-      const k0 = x * ksize;
-      const n = count[x]!;
-      const first = inRow + start[x]! * 3;
-      for (let ch = 0; ch < 3; ch++) {
-        let acc = half;
-        for (let j = 0, p = first + ch; j < n; j++, p += 3) acc += src[p]! * weights[k0 + j]!;
-        const v = acc >> precision;
-        out[outRow + x * 3 + ch] = v < 0 ? 0 : v > 255 ? 255 : v;
-      }
-    }
-  }
-  return out;
-}
-
-/** One pass along y: `basic_loop_aa_vertical<uint8_t>` for every column and channel. */
-function passVertical(src: Uint8Array, w: number, outH: number, c: AxisWeights): Uint8Array {
-  const stride = w * 3;
-  const out = new Uint8Array(stride * outH);
-  const { ksize, start, count, weights, precision } = c;
-  const half = 1 << (precision - 1);
-  for (let y = 0; y < outH; y++) {
-    const k0 = y * ksize;
-    const n = count[y]!;
-    const first = start[y]! * stride;
-    const outRow = y * stride;
-    for (let i = 0; i < stride; i++) {
-      let acc = half;
-      for (let j = 0, p = first + i; j < n; j++, p += stride) acc += src[p]! * weights[k0 + j]!;
-      const v = acc >> precision;
-      out[outRow + i] = v < 0 ? 0 : v > 255 ? 255 : v;
-    }
-  }
-  return out;
+  while (precision < 22 && Math.trunc(0.5 + largest * 2 ** (precision + 1)) < 1 << 15) precision++;
+  return fixedPoint(windows, precision, true);
 }
 
 /** interpolate(mode="nearest-exact") on a uint8 image. */
@@ -248,13 +145,6 @@ export function resizeTorch(img: RgbImage, width: number, height: number, resamp
   }
   if (mode === "nearest-exact") return resizeNearestExact(img, width, height);
 
-  const filter = mode === "bicubic" ? BICUBIC_AA : BILINEAR_AA;
-  let data = img.data;
-  if (width !== img.width) {
-    data = passHorizontal(data, img.width, img.height, width, computeAxisWeights(img.width, width, filter));
-  }
-  if (height !== img.height) {
-    data = passVertical(data, width, height, computeAxisWeights(img.height, height, filter));
-  }
-  return { data, width, height };
+  const kernel = mode === "bicubic" ? BICUBIC_AA : BILINEAR_AA;
+  return separableResize(img, width, height, (inSize, outSize) => int16Weights(inSize, outSize, kernel));
 }

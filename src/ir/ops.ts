@@ -158,10 +158,9 @@ export function reshape(x: Value, dims: number[]): Value {
   if (inferAt >= 0) {
     if (known) {
       const total = (x.shape as number[]).reduce((a, b) => a * b, 1);
-      const rest = (out.filter((d, i) => i !== inferAt) as number[]).reduce((a, b) => a * (typeof b === "number" ? b : NaN), 1);
+      const rest = out.filter((_, i) => i !== inferAt).reduce<number>((a, b) => a * (typeof b === "number" ? b : NaN), 1);
       out[inferAt] = Number.isNaN(rest) ? unknownDim("reshape") : total / rest;
     } else {
-      // Dimensions of the input that reappear unchanged are copied; the rest is one unknown.
       out[inferAt] = unknownDim("reshape");
     }
   }

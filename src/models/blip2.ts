@@ -35,15 +35,7 @@ function outputList(g: Graph, name: string, values: Value[]): void {
  */
 export function imageGraph(ckpt: Checkpoint, options: GraphOptions & { project: boolean }): Graph {
   const cfg = ckpt.config;
-  const g = new Graph("image");
-  const root = new Params(g, ckpt);
-  const size = cfg.vision.imageSize;
-  const pixels = g.input("pixel_values", "float32", ["batch", 3, size, size]);
-  const vision = visionEncoder(root.at("vision_model"), cfg.vision, pixels);
-  const queries = queryOutputs(root, cfg, vision.lastHiddenState);
-  g.output(vision.lastHiddenState, "vision_last_hidden_state");
-  g.output(vision.poolerOutput, "vision_pooler_output");
-  g.output(queries.lastHiddenState, "qformer_last_hidden_state");
+  const { g, root, vision, queries } = visionAndQueries(ckpt, "image");
   if (options.project) {
     const d = cfg.qformer.hiddenSize;
     g.output(linearLayer(root.at("language_projection"), queries.lastHiddenState, d, textHiddenSize(cfg)), "language_model_inputs");
@@ -53,6 +45,24 @@ export function imageGraph(ckpt: Checkpoint, options: GraphOptions & { project: 
     outputList(g, "qformer_hidden_states", queries.hiddenStates);
   }
   return g;
+}
+
+/**
+ * A graph from pixel_values [B, 3, H, W] through the vision encoder and the Q-Former's queries,
+ * with their outputs (`vision_last_hidden_state`, `vision_pooler_output`, `qformer_last_hidden_state`).
+ */
+export function visionAndQueries(ckpt: Checkpoint, name: string) {
+  const cfg = ckpt.config;
+  const g = new Graph(name);
+  const root = new Params(g, ckpt);
+  const size = cfg.vision.imageSize;
+  const pixels = g.input("pixel_values", "float32", ["batch", 3, size, size]);
+  const vision = visionEncoder(root.at("vision_model"), cfg.vision, pixels);
+  const queries = queryOutputs(root, cfg, vision.lastHiddenState);
+  g.output(vision.lastHiddenState, "vision_last_hidden_state");
+  g.output(vision.poolerOutput, "vision_pooler_output");
+  g.output(queries.lastHiddenState, "qformer_last_hidden_state");
+  return { g, root, vision, queries };
 }
 
 /** The Q-Former over the learned query tokens, cross-attending to the image features. */

@@ -8,10 +8,9 @@
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Graph, type Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { queryOutputs } from "./blip2.js";
+import { visionAndQueries } from "./blip2.js";
 import { expandToBatch, linearLayer, Params } from "./layers.js";
 import { qformer, qformerTextEmbeddings } from "./qformer.js";
-import { visionEncoder } from "./vision.js";
 
 /** F.normalize(x, dim=-1): x / max(||x||, 1e-12). */
 function normalize(x: Value): Value {
@@ -23,16 +22,8 @@ function normalize(x: Value): Value {
 /** pixel_values -> image embeddings for ITM and normalized per-query ITC embeddings. */
 export function retrievalImageGraph(ckpt: Checkpoint): Graph {
   const cfg = ckpt.config;
-  const g = new Graph("retrieval_image");
-  const root = new Params(g, ckpt);
-  const size = cfg.vision.imageSize;
-  const pixels = g.input("pixel_values", "float32", ["batch", 3, size, size]);
-  const vision = visionEncoder(root.at("vision_model"), cfg.vision, pixels);
-  const queries = queryOutputs(root, cfg, vision.lastHiddenState).lastHiddenState;
-  g.output(vision.lastHiddenState, "vision_last_hidden_state");
-  g.output(vision.poolerOutput, "vision_pooler_output");
-  g.output(queries, "qformer_last_hidden_state");
-  g.output(normalize(linearLayer(root.at("vision_projection"), queries, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize)), "image_embeds");
+  const { g, root, queries } = visionAndQueries(ckpt, "retrieval_image");
+  g.output(normalize(linearLayer(root.at("vision_projection"), queries.lastHiddenState, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize)), "image_embeds");
   return g;
 }
 
