@@ -5,7 +5,7 @@
 import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { Blip2 } from "../src/api/tasks.js";
-import { linearWeights, variantNames } from "../src/quantize/quantize.js";
+import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quantize.js";
 import { weightDType } from "../src/quantize/dtype.js";
 
 const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" } } });
@@ -132,17 +132,5 @@ async function lastLogits(): Promise<Float32Array> {
 
 /** Bytes of the weights the sessions use: the checkpoint's tensors in the precisions in use. */
 function weightBytesOf(): number {
-  const { byPart, sharedWithOtherOps } = linearWeights(ckpt.withWeights(new Map(), ckpt.dtypes));
-  const linear = new Set(Object.values(byPart).flat());
-  let bytes = 0;
-  for (const name of ckpt.names()) {
-    if (/\.(q4|q8)\.|\.fp16$/.test(name)) continue;
-    const d = ckpt.dtypeOf(name);
-    if (!linear.has(name) || d === "fp32") bytes += ckpt.tensor(name).byteLength;
-    else {
-      if (sharedWithOtherOps.has(name)) bytes += ckpt.tensor(name).byteLength;
-      bytes += variantNames(name, d).reduce((s, n) => s + ckpt.tensor(n).byteLength, 0);
-    }
-  }
-  return bytes;
+  return tensorsInUse(ckpt).reduce((sum, t) => sum + t.byteLength, 0);
 }

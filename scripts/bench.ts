@@ -14,6 +14,8 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { parseArgs } from "node:util";
 import { loadCheckpoint } from "../src/api/load.js";
+import type { TensorInfo } from "../src/io/safetensors.js";
+import { tensorsInUse } from "../src/quantize/quantize.js";
 import { Graph } from "../src/ir/graph.js";
 import * as op from "../src/ir/ops.js";
 import { CompiledGraph } from "../src/runtime/session.js";
@@ -31,19 +33,19 @@ const dir = syntheticCheckpoint(variant);
 const reference = path.join(os.tmpdir(), `blip2-bench-${variant}-logits.f32`);
 fs.rmSync(reference, { force: true });
 
-/** Read every file once so that load times exclude a cold page cache. */
-function warm(files: string[]): void {
+/** Read the tensors the sessions will read, so that load times exclude a cold page cache. */
+function warm(tensors: TensorInfo[]): void {
   const buf = Buffer.alloc(64 << 20);
-  for (const f of files) {
-    const fd = fs.openSync(f, "r");
-    while (fs.readSync(fd, buf, 0, buf.length, null) > 0);
+  for (const t of tensors) {
+    const fd = fs.openSync(t.file, "r");
+    for (let done = 0; done < t.byteLength; ) done += fs.readSync(fd, buf, 0, Math.min(buf.length, t.byteLength - done), t.offset + done) || t.byteLength;
     fs.closeSync(fd);
   }
 }
 
 /**
- * Read bandwidth: ONNX Runtime multiplying a 4 GB block of a weight shard (memory-mapped, in the
- * page cache) by a vector, which is what decoding does with every weight.
+ * Read bandwidth: ONNX Runtime multiplying a vector by a 4 GB block of a weight shard
+ * (memory-mapped, in the page cache) stored as [out, in], as decoding does with every weight.
  */
 async function bandwidth(threads: number): Promise<number> {
   const shard = path.join(dir, fs.readdirSync(dir).filter((f) => f.endsWith(".safetensors")).sort()[0]!);
@@ -51,11 +53,11 @@ async function bandwidth(threads: number): Promise<number> {
   const cols = 2560;
   const rows = Math.floor(bytes / 4 / cols);
   const g = new Graph("bandwidth");
-  const x = g.input("x", "float32", [cols, 1]);
+  const x = g.input("x", "float32", [1, cols]);
   const data = g.weight({ name: "data", dtype: "F32", shape: [rows, cols], file: shard, offset: 4096, byteLength: rows * cols * 4 });
-  g.output(op.matmul(data, x), "y");
+  g.output(op.linear(x, data, null), "y");
   const s = await CompiledGraph.create(g, { threads });
-  const feeds = { x: new (await import("onnxruntime-node")).Tensor("float32", new Float32Array(cols).fill(1), [cols, 1]) };
+  const feeds = { x: new (await import("onnxruntime-node")).Tensor("float32", new Float32Array(cols).fill(1), [1, cols]) };
   await s.run(feeds);
   const times: number[] = [];
   for (let r = 0; r < 5; r++) {
@@ -74,9 +76,9 @@ for (const t of threadCounts) bw[t] = await bandwidth(t);
 for (const dtype of dtypes) {
   // Convert once, outside the timed load.
   const ckpt = await loadCheckpoint(dir, { dtype: dtype as "fp32" });
-  const files = [...new Set(ckpt.names().map((n) => ckpt.tensor(n).file))];
+  const tensors = tensorsInUse(ckpt);
   for (const threads of threadCounts) {
-    warm(files);
+    warm(tensors);
     const worker = path.join(path.dirname(new URL(import.meta.url).pathname), "bench-worker.ts");
     const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference], { maxBuffer: 1 << 24 });
     const r = JSON.parse(stdout.trim().split("\n").at(-1)!);

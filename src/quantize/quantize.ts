@@ -74,6 +74,21 @@ export function linearWeights(ckpt: Checkpoint): LinearWeights {
   return { byPart, sharedWithOtherOps: new Set([...linear].filter((n) => other.has(n))) };
 }
 
+/**
+ * The tensors the model's sessions read: everything but the float linear weights of parts that run
+ * in another precision (whose converted copies are read instead).
+ */
+export function tensorsInUse(ckpt: Checkpoint): TensorInfo[] {
+  const { byPart, sharedWithOtherOps } = linearWeights(ckpt);
+  const converted = new Set(Object.values(byPart).flat().filter((n) => ckpt.dtypeOf(n) !== "fp32"));
+  const names = ckpt.names().filter((n) => !/\.(q4|q8)\.(weight|scales|zero_points)$|\.fp16$/.test(n));
+  return names.flatMap((n) => {
+    if (!converted.has(n)) return [ckpt.tensor(n)];
+    const copies = variantNames(n, ckpt.dtypeOf(n)).map((v) => ckpt.tensor(v));
+    return sharedWithOtherOps.has(n) ? [ckpt.tensor(n), ...copies] : copies;
+  });
+}
+
 /** Tensor names a weight has in the given precision. */
 export function variantNames(name: string, dtype: WeightDType): string[] {
   if (dtype === "fp16") return [`${name}.fp16`];
@@ -91,16 +106,18 @@ export async function withDTypes(ckpt: Checkpoint, dtypes: PartDTypes, options: 
     if (differs.length) throw new Blip2Error(`${ckpt.dir}: holds ${MODEL_PARTS.map((p) => `${p} ${ckpt.dtypes[p]}`).join(", ")} weights; it cannot run ${differs.map((p) => `${p} as ${dtypes[p]}`).join(", ")} (convert the original checkpoint instead)`);
     return ckpt;
   }
-  const weights = linearWeights(ckpt).byPart;
   const extra = new Map<string, TensorInfo>();
-  for (const part of MODEL_PARTS) {
-    const dtype = dtypes[part];
-    if (dtype === "fp32") continue;
-    // The format version is part of the path: a change of scheme never meets an older file.
-    const file = path.join(blip2CacheDir(options.cacheDir), "weights", ckpt.fingerprint(), FORMAT.replace("/", "-"), `${part}-${dtype}.safetensors`);
+  const parts = MODEL_PARTS.filter((p) => dtypes[p] !== "fp32");
+  // The format version is part of the path: a change of scheme never meets an older file.
+  const folder = parts.length ? path.join(blip2CacheDir(options.cacheDir), "weights", ckpt.fingerprint(), FORMAT.replace("/", "-")) : "";
+  let weights: LinearWeights | null = null;
+  for (const part of parts) {
+    const dtype = dtypes[part] as Exclude<WeightDType, "fp32">;
+    const file = path.join(folder, `${part}-${dtype}.safetensors`);
     if (!fs.existsSync(file)) {
-      fs.mkdirSync(path.dirname(file), { recursive: true });
-      writeVariants(file, ckpt, weights[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
+      fs.mkdirSync(folder, { recursive: true });
+      weights ??= linearWeights(ckpt);
+      writeVariants(file, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
     }
     for (const [name, info] of readSafetensorsHeader(file).tensors) extra.set(name, info);
   }
