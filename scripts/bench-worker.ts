@@ -8,7 +8,7 @@ import { Blip2 } from "../src/api/tasks.js";
 import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quantize.js";
 import { weightDType } from "../src/quantize/dtype.js";
 
-const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" } } });
+const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" } } });
 const dir = values.dir!;
 const dtype = values.dtype as "fp32" | "q8" | "q4";
 const threads = Number(values.threads);
@@ -32,6 +32,10 @@ const blip2 = await Blip2.load(dir, { dtype, threads });
 await blip2.model.prepare();
 const loadS = seconds(performance.now() - t);
 sample();
+if (values["load-only"]) {
+  await blip2.dispose();
+  process.exit(0);
+}
 
 const ckpt = blip2.model.checkpoint;
 // Bytes of language-model weights read per generated token (every linear weight once).
