@@ -38,8 +38,10 @@ if (values["load-only"]) {
 }
 
 const ckpt = blip2.model.checkpoint;
-// Bytes of language-model weights read per generated token (every linear weight once).
-const lmBytes = linearWeights(ckpt).byPart.language.reduce((sum, name) => {
+// Bytes of language-model weights read per generated token: every linear weight of the decoder
+// once (for T5, not the encoder's, which runs once per prompt).
+const decoderWeights = linearWeights(ckpt).byPart.language.filter((n) => ckpt.config.text.modelType === "opt" || !n.includes(".encoder."));
+const lmBytes = decoderWeights.reduce((sum, name) => {
   const d = weightDType(name, ckpt.dtypes.language);
   const parts = d === "fp32" ? [name] : variantNames(name, d);
   return sum + parts.reduce((s, n) => s + ckpt.tensor(n).byteLength, 0);

@@ -104,7 +104,10 @@ function t5Specs(specs: Spec[]): void {
   const p = "language_model";
   specs.push({ name: `${p}.shared.weight`, shape: [T5.vocab_size, d], init: { kind: "normal", std: 1 } });
   const attention = (prefix: string, relative: boolean) => {
-    for (const x of ["q", "k", "v"]) linear(specs, `${prefix}.${x}`, inner, d, false);
+    // T5 does not scale its attention scores: like transformers' initialisation, the query
+    // weights carry the 1/sqrt(d_kv) instead (else random scores saturate every softmax).
+    specs.push({ name: `${prefix}.q.weight`, shape: [inner, d], init: { kind: "matrix", fanIn: d * T5.d_kv } });
+    for (const x of ["k", "v"]) linear(specs, `${prefix}.${x}`, inner, d, false);
     linear(specs, `${prefix}.o`, d, inner, false);
     if (relative) specs.push({ name: `${prefix}.relative_attention_bias.weight`, shape: [T5.relative_attention_num_buckets, T5.num_heads], init: { kind: "normal", std: 0.1 } });
   };

@@ -119,6 +119,24 @@ describe("conversion", () => {
     expect(files().some((f) => /language-q8\.safetensors$/.test(f))).toBe(true);
   });
 
+  it("a checkpoint with the same shapes but other weights gets its own conversion", async () => {
+    const { copyFixture } = await import("./helpers.js");
+    const { readSafetensorsHeader } = await import("../src/io/safetensors.js");
+    const { Checkpoint } = await import("../src/io/checkpoint.js");
+    const dir = copyFixture("tiny-blip2-opt");
+    const file = path.join(dir, "model.safetensors");
+    const original = Checkpoint.open(dir).fingerprint();
+    // Change one weight's values in place (a fine-tuned copy): same header, same size.
+    const info = readSafetensorsHeader(file).tensors.get("language_model.model.decoder.layers.0.fc1.weight")!;
+    const bytes = fs.readFileSync(file);
+    for (let i = 0; i < info.byteLength; i++) bytes[info.offset + i] ^= 0x01;
+    fs.writeFileSync(file, bytes);
+    expect(Checkpoint.open(dir).fingerprint()).not.toBe(original);
+    let converted = 0;
+    loaded.push(await Blip2.load(dir, { dtype: "q8", blip2Cache: cache, conversionProgress: () => void converted++ }));
+    expect(converted).toBeGreaterThan(0);
+  });
+
   it("blip2 quantize --out writes a folder that loads as it was written", async () => {
     const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "blip2-q4-")), "tiny-q4");
     const r = await cli("quantize", "-m", fixture("tiny-blip2-opt"), "--dtype", "q4", "--out", out);

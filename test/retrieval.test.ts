@@ -182,6 +182,17 @@ describe("blip2 index / search", () => {
     expect(s.stderr).toMatch(/refusing/);
   });
 
+  it("refuses a model with the same shapes but other weights (as the -coco variants are)", async () => {
+    const other = copyFixture("tiny-blip2-itm");
+    const file = path.join(other, "model.safetensors");
+    const bytes = fs.readFileSync(file);
+    for (let i = bytes.length - 4096; i < bytes.length; i++) bytes[i] ^= 0x01;
+    fs.writeFileSync(file, bytes);
+    const r = await cli("index", "-m", other, photos, "--db", db);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/refusing to use it with .* \(a different model\)/);
+  });
+
   it("a missing index is a clear error", async () => {
     const r = await cli("search", "--db", path.join(work, "none.sqlite"), "x");
     expect(r.code).toBe(1);
