@@ -137,7 +137,7 @@ export function readJsonFile(file: string): unknown | undefined {
   try {
     return JSON.parse(text);
   } catch (err) {
-    throw new Blip2Error(`${file}: invalid JSON (${(err as Error).message})`);
+    throw new Blip2Error(`${file}: not valid JSON (${(err as Error).message.split("\n")[0]})`);
   }
 }
 

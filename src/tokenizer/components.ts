@@ -298,21 +298,20 @@ const lossyUtf8 = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const utf8Encoder = new TextEncoder();
 
-/** The Rust `decoders::wordpiece::cleanup`. */
-export function wordpieceCleanup(s: string): string {
-  return s
-    .replaceAll(" .", ".")
-    .replaceAll(" ?", "?")
-    .replaceAll(" !", "!")
-    .replaceAll(" ,", ",")
-    .replaceAll(" ' ", "'")
-    .replaceAll(" n't", "n't")
-    .replaceAll(" 'm", "'m")
-    .replaceAll(" do not", " don't")
-    .replaceAll(" 's", "'s")
-    .replaceAll(" 've", "'ve")
-    .replaceAll(" 're", "'re");
+/** transformers' (Python) `clean_up_tokenization` rules, in order. */
+export const CLEANUP_RULES: readonly (readonly [string, string])[] = [
+  [" .", "."], [" ?", "?"], [" !", "!"], [" ,", ","], [" ' ", "'"], [" n't", "n't"], [" 'm", "'m"], [" 's", "'s"], [" 've", "'ve"], [" 're", "'re"],
+];
+
+/** The Rust WordPiece decoder's cleanup: the same rules, plus " do not" -> " don't" after " 'm". */
+const WORDPIECE_RULES = [...CLEANUP_RULES.slice(0, 7), [" do not", " don't"] as const, ...CLEANUP_RULES.slice(7)];
+
+export function applyCleanup(text: string, rules: readonly (readonly [string, string])[]): string {
+  return rules.reduce((t, [from, to]) => t.replaceAll(from, to), text);
 }
+
+/** The Rust `decoders::wordpiece::cleanup`. */
+export const wordpieceCleanup = (s: string): string => applyCleanup(s, WORDPIECE_RULES);
 
 /** Builds a decoder chain from a tokenizer.json `decoder` object. */
 export function buildDecoder(cfg: unknown): DecodeChainFn | null {

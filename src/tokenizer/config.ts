@@ -5,9 +5,9 @@
  * `added_tokens.json`. Also the added-vocabulary bookkeeping of the Rust `AddedVocabulary`
  * (`add_tokens`: an existing content keeps its id, a new one gets the next free id).
  */
-import fs from "node:fs";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
+import { readJsonFile } from "../io/checkpoint.js";
 
 /** The named special-token attributes of `PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES`. */
 export const SPECIAL_TOKEN_KEYS = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] as const;
@@ -48,26 +48,10 @@ export function isRecord(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
 
-/** Reads and parses a JSON file; undefined when it does not exist. Bad JSON is a Blip2Error naming the file. */
-export function readJson(file: string): unknown | undefined {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, "utf8");
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-    throw new Blip2Error(`${file}: cannot read (${(err as Error).message})`, { cause: err });
-  }
-  try {
-    return JSON.parse(text) as unknown;
-  } catch (err) {
-    const msg = (err as Error).message.split("\n")[0];
-    throw new Blip2Error(`${file}: not valid JSON (${msg})`, { cause: err });
-  }
-}
 
 /** Reads a JSON file that must hold an object. */
 export function readJsonObject(file: string): Record<string, unknown> | undefined {
-  const value = readJson(file);
+  const value = readJsonFile(file);
   if (value === undefined) return undefined;
   if (!isRecord(value)) throw new Blip2Error(`${file}: expected a JSON object at the top level`);
   return value;

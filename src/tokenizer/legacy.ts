@@ -12,11 +12,11 @@
 import fs from "node:fs";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
+import { readJsonFile } from "../io/checkpoint.js";
 import {
   AddedVocabulary,
   applySettingsToAddedVocabulary,
   isRecord,
-  readJson,
   type TokenizerFamily,
   type TokenizerSettings,
 } from "./config.js";
@@ -66,7 +66,7 @@ function idOrUnk(vocab: AddedVocabulary, settings: TokenizerSettings, content: s
 export function convertGpt2(dir: string, settings: TokenizerSettings): ConvertedTokenizer {
   const vocabFile = path.join(dir, "vocab.json");
   const mergesFile = path.join(dir, "merges.txt");
-  const vocabJson = readJson(vocabFile);
+  const vocabJson = readJsonFile(vocabFile);
   if (!isRecord(vocabJson)) throw new Blip2Error(`${vocabFile}: expected a JSON object mapping tokens to ids`);
   const vocab = new Map<string, number>();
   for (const [token, id] of Object.entries(vocabJson)) {

@@ -11,6 +11,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { lib as tokenizersLib, type LibTokenizer } from "./lib.js";
 import { Blip2Error } from "../errors.js";
+import { readJsonFile } from "../io/checkpoint.js";
 import {
   AddedVocabulary,
   applySettingsToAddedVocabulary,
@@ -18,17 +19,18 @@ import {
   isRecord,
   loadTokenizerSettings,
   resolveTokenizerSettings,
-  readJson,
   SPECIAL_TOKEN_KEYS,
   type SpecialTokenKey,
   type TokenizerFamily,
   type TokenizerSettings,
 } from "./config.js";
 import {
+  applyCleanup,
   buildDecoder,
   buildNormalizer,
   buildPostProcessor,
   buildPreTokenizer,
+  CLEANUP_RULES,
   ComponentError,
   FunctionNormalizer,
   FunctionPreTokenizer,
@@ -59,20 +61,8 @@ export interface PaddedBatch {
 /** The files `fromDirectory` looks for, in order of preference. */
 export const TOKENIZER_FILES = ["tokenizer.json", "vocab.json + merges.txt", "spiece.model", "vocab.txt"] as const;
 
-/** transformers' `clean_up_tokenization` (Python; unlike the Rust WordPiece cleanup it has no " do not" rule). */
-export function cleanUpTokenization(text: string): string {
-  return text
-    .replaceAll(" .", ".")
-    .replaceAll(" ?", "?")
-    .replaceAll(" !", "!")
-    .replaceAll(" ,", ",")
-    .replaceAll(" ' ", "'")
-    .replaceAll(" n't", "n't")
-    .replaceAll(" 'm", "'m")
-    .replaceAll(" 's", "'s")
-    .replaceAll(" 've", "'ve")
-    .replaceAll(" 're", "'re");
-}
+/** transformers' `clean_up_tokenization` (Python): spaces before punctuation and contractions removed. */
+export const cleanUpTokenization = (text: string): string => applyCleanup(text, CLEANUP_RULES);
 
 /** The model's own vocabulary (without added tokens) of a tokenizer.json `model`. */
 function modelVocabulary(model: Json, file: string): { vocab: Map<string, number>; size: number } {
@@ -240,7 +230,7 @@ export class Blip2Tokenizer {
 
     const tokenizerJsonFile = path.join(dir, "tokenizer.json");
     if (has("tokenizer.json")) {
-      const json = readJson(tokenizerJsonFile);
+      const json = readJsonFile(tokenizerJsonFile);
       if (!isRecord(json)) throw new Blip2Error(`${tokenizerJsonFile}: expected a JSON object at the top level`);
       if (!isRecord(json["model"])) throw new Blip2Error(`${tokenizerJsonFile}: no "model" object`);
       const type = modelType(json["model"]);
