@@ -44,23 +44,23 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent.
   const copies = g.numBeams > 1 ? g.numBeams : g.numReturnSequences;
   const rows = repeatRows(Array.from({ length: batch }, (_, i) => i), copies);
-  let model: DecodingModel;
+  let decoding: OptDecoding | T5Decoding;
   let prompts: number[][];
   if (rt.config.text.modelType === "opt") {
-    model = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]), g.maxNewTokens);
+    decoding = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]), g.maxNewTokens);
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(gatherRows(embeds, rows), rows.map((r) => mask[r]!));
     const cross = await rt.t5Cross(encoder.last_hidden_state!);
-    model = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
+    decoding = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
-  const decoding = model;
-  if (hooks.onLogits) model = observeLogits(model, hooks.onLogits);
+  const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
   try {
     return g.numBeams > 1 ? await beamSearch(model, prompts, g) : await sampleOrGreedy(model, prompts, g, hooks.onToken);
   } finally {
-    await (decoding as OptDecoding | T5Decoding).release();
+    // The key/value cache lives beside the sessions (maybe in the worker): free it now.
+    await decoding.release();
   }
 }
 
