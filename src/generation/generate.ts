@@ -25,7 +25,7 @@ export interface GenerateInputs {
 }
 
 /** The projected queries for the images of `inputs`. */
-export async function imageFeatures(rt: Blip2Runtime, inputs: GenerateInputs): Promise<ort.Tensor> {
+async function imageFeatures(rt: Blip2Runtime, inputs: GenerateInputs): Promise<ort.Tensor> {
   if (inputs.imageFeatures) return inputs.imageFeatures;
   if (!inputs.pixelValues) throw new Blip2Error("generate needs pixel values or image features");
   return (await rt.image(inputs.pixelValues, inputs.inputIds.length)).language_model_inputs!;

@@ -7,7 +7,7 @@ import type { OptConfig, T5Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
 import { warnOnce } from "../warn.js";
 import type { Checkpoint } from "../io/checkpoint.js";
-import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, textHiddenSize, type GraphOptions } from "../models/blip2.js";
+import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph } from "../ir/graph.js";
 import { SessionCache, tensor, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
@@ -164,10 +164,6 @@ export class Blip2Runtime {
       ...cross,
     };
     return s.run(feeds, { cache, mask });
-  }
-
-  get textHiddenSize(): number {
-    return textHiddenSize(this.config);
   }
 
   release(): Promise<void> {
