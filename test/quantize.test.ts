@@ -9,7 +9,7 @@ import { Graph } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import * as op from "../src/ir/ops.js";
 import { dequantizeMatrix, quantizeMatrix } from "../src/quantize/blockQuant.js";
-import { parseDTypeSpec, resolveDTypes } from "../src/quantize/dtype.js";
+import { parseDTypeSpec, resolveDTypes, weightDType } from "../src/quantize/dtype.js";
 import { cli, fixture } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-qcache-"));
@@ -57,6 +57,17 @@ describe("dtype options", () => {
     expect(() => resolveDTypes({ vision: "int2" as never })).toThrow(/dtype.vision/);
   });
 
+  it("q4 puts only the per-token feed-forward weights in 4 bits", () => {
+    expect(weightDType("language_model.model.decoder.layers.3.fc1.weight", "q4")).toBe("q4");
+    expect(weightDType("language_model.model.decoder.layers.3.self_attn.q_proj.weight", "q4")).toBe("q8");
+    expect(weightDType("language_model.decoder.block.2.layer.2.DenseReluDense.wo.weight", "q4")).toBe("q4");
+    // T5's encoder runs once per prompt: 8 bits.
+    expect(weightDType("language_model.encoder.block.2.layer.1.DenseReluDense.wi_0.weight", "q4")).toBe("q8");
+    // The vision encoder in q4 when asked for by name.
+    expect(weightDType("vision_model.encoder.layers.0.mlp.fc1.weight", "q4")).toBe("q4");
+    expect(weightDType("vision_model.encoder.layers.0.mlp.fc1.weight", "q8")).toBe("q8");
+  });
+
   it("the CLI reports a bad --dtype in one line", async () => {
     const r = await cli("caption", "-m", fixture("tiny-blip2-opt"), "--dtype", "q3", fixture("image0.png"));
     expect(r.code).toBe(1);
@@ -80,10 +91,10 @@ const SETTINGS: Record<string, GenerationOptions> = {
 const DIFFERS: Record<string, string[]> = {
   "tiny-blip2-opt q8": [],
   "tiny-blip2-opt fp16": [],
-  "tiny-blip2-opt q4": ["1:repetition_penalty_1.5_ids", "2:repetition_penalty_1.5_ids"],
+  "tiny-blip2-opt q4": ["2:repetition_penalty_1.5_ids"],
   "tiny-blip2-t5 q8": ["0:beam3_ids", "0:repetition_penalty_1.5_ids", "1:greedy_ids", "1:greedy_min10_ids", "2:repetition_penalty_1.5_ids"],
   "tiny-blip2-t5 fp16": [],
-  "tiny-blip2-t5 q4": ["0:beam3_ids", "0:repetition_penalty_1.5_ids", "1:greedy_ids", "1:greedy_min10_ids", "1:beam3_ids", "1:repetition_penalty_1.5_ids", "2:beam3_ids"],
+  "tiny-blip2-t5 q4": ["0:greedy_ids", "0:greedy_min10_ids", "0:beam3_ids", "0:repetition_penalty_1.5_ids", "1:greedy_ids", "1:greedy_min10_ids", "1:beam3_ids", "2:beam3_ids"],
 };
 
 describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s in lower precision", (name) => {
@@ -137,6 +148,22 @@ describe("conversion", () => {
     expect(converted).toBeGreaterThan(0);
   });
 
+  it("removes the partial files of a killed conversion, not those of a running one", async () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-qcache-"));
+    const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: { language: "q8" }, blip2Cache: root });
+    loaded.push(b);
+    const folder = path.dirname(fs.readdirSync(root, { recursive: true }).map((f) => path.join(root, String(f))).find((f) => f.endsWith("language-q8.safetensors"))!);
+    // A pid that cannot be running (above Linux's pid_max) and this process's own.
+    const dead = path.join(folder, "vision-q8.safetensors.tmp-99999999");
+    const running = path.join(folder, `qformer-q8.safetensors.tmp-${process.pid}`);
+    fs.writeFileSync(dead, "partial");
+    fs.writeFileSync(running, "partial");
+    loaded.push(await Blip2.load(fixture("tiny-blip2-opt"), { dtype: { vision: "q8" }, blip2Cache: root }));
+    expect(fs.existsSync(dead)).toBe(false);
+    expect(fs.existsSync(running)).toBe(true);
+    expect(fs.existsSync(path.join(folder, "vision-q8.safetensors"))).toBe(true);
+  });
+
   it("blip2 quantize --out writes a folder that loads as it was written", async () => {
     const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "blip2-q4-")), "tiny-q4");
     const r = await cli("quantize", "-m", fixture("tiny-blip2-opt"), "--dtype", "q4", "--out", out);
@@ -153,5 +180,10 @@ describe("conversion", () => {
     const again = await cli("quantize", "-m", fixture("tiny-blip2-opt"), "--dtype", "q8", "--out", out);
     expect(again.code).toBe(1);
     expect(again.stderr).toMatch(/exists and is not empty/);
+    // A folder written under an earlier weight scheme is refused by name, not misread.
+    const marker = path.join(out, "blip2_weights.json");
+    const { format: _, ...older } = JSON.parse(fs.readFileSync(marker, "utf8"));
+    fs.writeFileSync(marker, JSON.stringify(older));
+    await expect(Blip2.load(out)).rejects.toThrow(/blip2_weights.json: written in weight format "blip2-weights\/1", this version of blip2 reads blip2-weights\/2; convert the original checkpoint again/);
   });
 });

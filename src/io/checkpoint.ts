@@ -8,7 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseBlip2Config, type Blip2Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
-import { partOf, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
+import { partOf, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
 import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
 
 export class Checkpoint {
@@ -118,11 +118,12 @@ export class Checkpoint {
 export const CONVERTED_FILE = "blip2_weights.json";
 
 function readConvertedDTypes(file: string): PartDTypes | null {
-  const json = readJsonFile(file) as { dtypes?: unknown } | undefined;
+  const json = readJsonFile(file) as { format?: unknown; dtypes?: unknown } | undefined;
   if (json === undefined) return null;
+  if (json.format !== WEIGHTS_FORMAT) throw new Blip2Error(`${file}: written in weight format ${JSON.stringify(json.format ?? "blip2-weights/1")}, this version of blip2 reads ${WEIGHTS_FORMAT}; convert the original checkpoint again (blip2 quantize --out)`);
   const d = json.dtypes as Record<string, unknown> | undefined;
   const ok = (v: unknown) => v === "fp32" || v === "fp16" || v === "q8" || v === "q4";
-  if (!d || !ok(d.vision) || !ok(d.qformer) || !ok(d.language)) throw new Blip2Error(`${file}: expected {"dtypes": {"vision", "qformer", "language"}} with fp32, fp16, q8 or q4`);
+  if (!d || !ok(d.vision) || !ok(d.qformer) || !ok(d.language)) throw new Blip2Error(`${file}: expected {"format", "dtypes": {"vision", "qformer", "language"}} with fp32, fp16, q8 or q4`);
   return d as unknown as PartDTypes;
 }
 

@@ -9,7 +9,7 @@ import { Blip2Error } from "../errors.js";
 import { CONVERTED_FILE, type Checkpoint } from "../io/checkpoint.js";
 import { readTensorBytes, writeSafetensorsStreamed, type StreamedTensor } from "../io/safetensors.js";
 import { MODEL_FILES } from "../hub/download.js";
-import { MODEL_PARTS, partOf, weightDType, type PartDTypes, type WeightDType } from "./dtype.js";
+import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "./dtype.js";
 import { linearWeights, variantTensors } from "./quantize.js";
 
 export function writeConvertedFolder(ckpt: Checkpoint, dtypes: PartDTypes, out: string, progress?: (done: number, total: number) => void): void {
@@ -31,5 +31,5 @@ export function writeConvertedFolder(ckpt: Checkpoint, dtypes: PartDTypes, out: 
   }
   let done = 0;
   writeSafetensorsStreamed(path.join(out, "model.safetensors"), tensors, { format: "pt" }, () => progress?.(++done, tensors.length));
-  fs.writeFileSync(path.join(out, CONVERTED_FILE), JSON.stringify({ dtypes, source: ckpt.fingerprint() }, null, 2) + "\n");
+  fs.writeFileSync(path.join(out, CONVERTED_FILE), JSON.stringify({ format: WEIGHTS_FORMAT, dtypes, source: ckpt.fingerprint() }, null, 2) + "\n");
 }
