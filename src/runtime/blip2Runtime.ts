@@ -41,7 +41,7 @@ export class Blip2Runtime {
   private session(name: string): Promise<CompiledGraph> {
     const build = this.graphs()[name];
     if (!build) throw new Blip2Error(`internal: no ${name} graph for this checkpoint`);
-    return this.sessions.get(name, build);
+    return this.sessions.get(name, build, { arena: name !== "image" });
   }
 
   /** Creates every session now (one after the other), rather than on first use. */

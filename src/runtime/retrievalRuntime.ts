@@ -23,7 +23,7 @@ export class RetrievalRuntime {
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
     const size = this.checkpoint.config.vision.imageSize;
-    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint));
+    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), { arena: false });
     return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   }
 
