@@ -23,6 +23,9 @@ export function partOf(name: string): ModelPart {
   return "qformer";
 }
 
+/** Block-quantized (run by MatMulNBits), as against float weights. */
+export const isQuantized = (d: WeightDType) => d === "q8" || d === "q4";
+
 /**
  * The precision of each part. The shorthand "q4" puts the language model in q4 and the vision
  * encoder and Q-Former in q8: they are compute-bound (257 image tokens per layer), where 4-bit

@@ -5,6 +5,7 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import type { Tensors } from "./blip2Runtime.js";
 import { SessionCache, tensor, type RuntimeOptions } from "./session.js";
+import { isQuantized } from "../quantize/dtype.js";
 
 export class RetrievalRuntime {
   private readonly sessions: SessionCache;
@@ -23,7 +24,7 @@ export class RetrievalRuntime {
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
     const size = this.checkpoint.config.vision.imageSize;
-    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), { arena: false });
+    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), { arena: !isQuantized(this.checkpoint.dtypes.vision) });
     return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   }
 

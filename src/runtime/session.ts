@@ -29,10 +29,10 @@ export interface RuntimeOptions {
   worker?: boolean;
   /**
    * Keep ONNX Runtime's memory arena (default true): freed activations stay with the session for
-   * the next run, which decoding steps need (fresh memory is slow on these machines). The vision
-   * graphs turn it off: their activations are hundreds of MB at batch 4, the arena would hold them
-   * between images, and a fresh allocation costs nothing measurable against 1.5 s of compute
-   * (measured: peak private memory -0.25 GB, the same time per image).
+   * the next run, which decoding steps need (without it a q8 decode step took ~25% longer). Vision
+   * sessions with quantized weights turn it off: measured, 0.25-0.3 GB less peak private memory at
+   * the same time per image (their activations, hundreds of MB at batch 4, are not held between
+   * images). With float32 weights the benchmark's private memory grew instead, so those keep it.
    */
   arena?: boolean;
 }
