@@ -6,7 +6,7 @@ import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { Blip2 } from "../src/api/tasks.js";
 import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quantize.js";
-import { weightDType } from "../src/quantize/dtype.js";
+import { readOncePerPrompt, weightDType } from "../src/quantize/dtype.js";
 
 const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" } } });
 const dir = values.dir!;
@@ -40,7 +40,7 @@ if (values["load-only"]) {
 const ckpt = blip2.model.checkpoint;
 // Bytes of language-model weights read per generated token: every linear weight of the decoder
 // once (for T5, not the encoder's, which runs once per prompt).
-const decoderWeights = linearWeights(ckpt).byPart.language.filter((n) => ckpt.config.text.modelType === "opt" || !n.includes(".encoder."));
+const decoderWeights = linearWeights(ckpt).byPart.language.filter((n) => !readOncePerPrompt(n));
 const lmBytes = decoderWeights.reduce((sum, name) => {
   const d = weightDType(name, ckpt.dtypes.language);
   const parts = d === "fp32" ? [name] : variantNames(name, d);

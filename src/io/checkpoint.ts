@@ -8,7 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseBlip2Config, type Blip2Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
-import { partOf, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
+import { partOf, WEIGHT_DTYPES, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
 import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
 
 export class Checkpoint {
@@ -122,7 +122,7 @@ function readConvertedDTypes(file: string): PartDTypes | null {
   if (json === undefined) return null;
   if (json.format !== WEIGHTS_FORMAT) throw new Blip2Error(`${file}: written in weight format ${JSON.stringify(json.format ?? "blip2-weights/1")}, this version of blip2 reads ${WEIGHTS_FORMAT}; convert the original checkpoint again (blip2 quantize --out)`);
   const d = json.dtypes as Record<string, unknown> | undefined;
-  const ok = (v: unknown) => v === "fp32" || v === "fp16" || v === "q8" || v === "q4";
+  const ok = (v: unknown) => WEIGHT_DTYPES.includes(v as WeightDType);
   if (!d || !ok(d.vision) || !ok(d.qformer) || !ok(d.language)) throw new Blip2Error(`${file}: expected {"format", "dtypes": {"vision", "qformer", "language"}} with fp32, fp16, q8 or q4`);
   return d as unknown as PartDTypes;
 }

@@ -6,6 +6,7 @@ import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import type { Dim, Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
+import { isQuantized } from "../quantize/dtype.js";
 
 /** Checkpoint tensors under a name prefix, turned into graph values with their expected shapes. */
 export class Params {
@@ -44,7 +45,7 @@ export function linearLayer(p: Params, x: Value, inFeatures: number, outFeatures
 export function linearWith(p: Params, weightName: string, x: Value, inFeatures: number, outFeatures: number, bias: Value | null): Value {
   const full = p.name(weightName);
   const dtype = p.checkpoint.dtypeOf(full);
-  if (dtype === "q4" || dtype === "q8") {
+  if (isQuantized(dtype)) {
     const bits = dtype === "q4" ? 4 : 8;
     const weight = p.checkpoint.tensor(`${full}.${dtype}.weight`);
     const blockSize = (weight.shape[2]! * 8) / bits;

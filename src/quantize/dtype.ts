@@ -24,7 +24,10 @@ export function partOf(name: string): ModelPart {
 }
 
 /** Block-quantized (run by MatMulNBits), as against float weights. */
-export const isQuantized = (d: WeightDType) => d === "q8" || d === "q4";
+export const isQuantized = (d: WeightDType): d is "q8" | "q4" => d === "q8" || d === "q4";
+
+/** T5's encoder weights: read once per prompt, where the decoder's are read once per generated token. */
+export const readOncePerPrompt = (name: string) => name.startsWith("language_model.encoder.");
 
 /**
  * The precision of each part. The shorthand "q4" puts the language model in q4 and the vision
@@ -76,6 +79,6 @@ function checkDType(d: unknown, where: string): asserts d is WeightDType {
  */
 export function weightDType(name: string, partDType: WeightDType): WeightDType {
   if (partDType !== "q4") return partDType;
-  if (name.startsWith("language_model.encoder.")) return "q8";
+  if (readOncePerPrompt(name)) return "q8";
   return /\.(fc1|fc2|DenseReluDense\.wi|DenseReluDense\.wi_0|DenseReluDense\.wi_1|DenseReluDense\.wo)\.weight$/.test(name) ? "q4" : "q8";
 }

@@ -10,8 +10,7 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph } from "../ir/graph.js";
-import { SessionCache, tensor, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
-import { isQuantized } from "../quantize/dtype.js";
+import { SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
@@ -42,7 +41,7 @@ export class Blip2Runtime {
   private session(name: string): Promise<CompiledGraph> {
     const build = this.graphs()[name];
     if (!build) throw new Blip2Error(`internal: no ${name} graph for this checkpoint`);
-    return this.sessions.get(name, build, { arena: !(name === "image" && isQuantized(this.checkpoint.dtypes.vision)) });
+    return this.sessions.get(name, build, name === "image" ? visionSessionOptions(this.checkpoint.dtypes.vision) : {});
   }
 
   /** Creates every session now (one after the other), rather than on first use. */

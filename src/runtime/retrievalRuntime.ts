@@ -4,8 +4,7 @@ import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import type { Tensors } from "./blip2Runtime.js";
-import { SessionCache, tensor, type RuntimeOptions } from "./session.js";
-import { isQuantized } from "../quantize/dtype.js";
+import { SessionCache, tensor, visionSessionOptions, type RuntimeOptions } from "./session.js";
 
 export class RetrievalRuntime {
   private readonly sessions: SessionCache;
@@ -24,7 +23,7 @@ export class RetrievalRuntime {
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
     const size = this.checkpoint.config.vision.imageSize;
-    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), { arena: !isQuantized(this.checkpoint.dtypes.vision) });
+    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), visionSessionOptions(this.checkpoint.dtypes.vision));
     return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   }
 

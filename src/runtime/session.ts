@@ -13,6 +13,7 @@ import { Worker } from "node:worker_threads";
 import { Graph } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
 import { warnOnce } from "../warn.js";
+import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import { fromWire, SessionHost, toWire, type CacheShape, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
@@ -29,10 +30,8 @@ export interface RuntimeOptions {
   worker?: boolean;
   /**
    * Keep ONNX Runtime's memory arena (default true): freed activations stay with the session for
-   * the next run, which decoding steps need (without it a q8 decode step took ~25% longer). Vision
-   * sessions with quantized weights turn it off: measured, 0.25-0.3 GB less peak private memory at
-   * the same time per image (their activations, hundreds of MB at batch 4, are not held between
-   * images). With float32 weights the benchmark's private memory grew instead, so those keep it.
+   * the next run, which decoding steps need (without it a q8 decode step took ~25% longer). See
+   * visionSessionOptions for the sessions that turn it off.
    */
   arena?: boolean;
 }
@@ -268,6 +267,14 @@ export const tensor = {
   i64: (data: ArrayLike<number> | BigInt64Array, dims: readonly number[]) =>
     new ort.Tensor("int64", data instanceof BigInt64Array ? data : BigInt64Array.from(Array.from(data, (x) => BigInt(x))), dims),
 };
+
+/**
+ * Options of a session running the vision encoder. With quantized weights it drops the memory
+ * arena: measured, 0.25-0.3 GB less peak private memory at the same time per image (activations,
+ * hundreds of MB at batch 4, are not held between images). With float32 weights the benchmark's
+ * private memory grew instead, so those keep it.
+ */
+export const visionSessionOptions = (visionDType: WeightDType): Pick<RuntimeOptions, "arena"> => ({ arena: !isQuantized(visionDType) });
 
 /** Sessions by name, each created from its graph on first use. */
 export class SessionCache {
