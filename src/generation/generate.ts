@@ -148,12 +148,12 @@ class T5Decoding implements DecodingModel {
   }
 
   async prefill(): Promise<Float32Array> {
-    this.cache = await this.rt.newCache(this.encoderMask.length, 1 + this.maxNewTokens);
+    this.cache = await this.rt.newCache(this.encoderMask.length, 1 + this.maxNewTokens, this.cross);
     return this.step(this.encoderMask.map(() => this.startToken));
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
-    return lastPosition((await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cross, this.cache!)).logits!);
+    return lastPosition((await this.rt.t5Decode(tokens.map((t) => [t]), this.encoderMask, this.cache!)).logits!);
   }
 
   /** Beams of one input share its encoder output, so only the self-attention cache moves. */

@@ -111,13 +111,16 @@ export class Blip2Runtime {
     return this.config.text;
   }
 
-  /** A key/value cache for `rows` sequences and `capacity` positions (0 for a single pass). */
-  async newCache(rows: number, capacity: number): Promise<CacheHandle> {
+  /**
+   * A key/value cache for `rows` sequences and `capacity` positions (0 for a single pass); for T5,
+   * with the cross-attention keys/values of t5Cross, which it feeds to every step.
+   */
+  async newCache(rows: number, capacity: number, cross: Tensors = {}): Promise<CacheHandle> {
     const t = this.config.text;
     const decoder = await this.session(t.modelType === "opt" ? "opt_decoder" : "t5_decoder");
     return t.modelType === "opt"
       ? decoder.newCache({ layers: t.numHiddenLayers, rows, heads: t.numAttentionHeads, capacity, headDim: t.hiddenSize / t.numAttentionHeads })
-      : decoder.newCache({ layers: t.numDecoderLayers, rows, heads: t.numHeads, capacity, headDim: t.dKv });
+      : decoder.newCache({ layers: t.numDecoderLayers, rows, heads: t.numHeads, capacity, headDim: t.dKv }, cross);
   }
 
   /**
@@ -148,8 +151,8 @@ export class Blip2Runtime {
     return s.run({ encoder_hidden_states: encoderHidden });
   }
 
-  /** T5 decoder over new tokens after those in `cache` (which receives their keys and values). */
-  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cross: Tensors, cache: CacheHandle): Promise<Tensors> {
+  /** T5 decoder over new tokens after those in `cache` (which receives their keys and values, and holds the cross-attention ones). */
+  async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cache: CacheHandle): Promise<Tensors> {
     const s = await this.session("t5_decoder");
     const length = decoderInputIds[0]!.length;
     // Slot j of the cache holds position j; the new tokens follow the filled slots.
@@ -161,7 +164,6 @@ export class Blip2Runtime {
       position_buckets: tensor.i64(relativePositionBuckets(this.t5, queries, keys, false), [length, keys.length]),
       encoder_attention_mask: tensor.i64(encoderMask.flat(), [encoderMask.length, encoderMask[0]!.length]),
       logits_positions: logitsPositions(length, false),
-      ...cross,
     };
     return s.run(feeds, { cache, mask });
   }

@@ -2,10 +2,20 @@
  * The decoder's key/value cache as fixed-capacity buffers allocated once per generation: each step
  * feeds the whole buffers (ONNX Runtime reads them in place) with a mask telling which slots hold
  * keys, and gets back only the new positions' keys and values, which are written into the next
- * free slots. Nothing of the cache's size is allocated or copied per step.
+ * free slots. Nothing of the cache's size is allocated or copied per step. An encoder-decoder's
+ * cross-attention keys/values, the same at every step, are kept here too, so that a step does not
+ * send them again.
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
+
+export interface CacheShape {
+  layers: number;
+  rows: number;
+  heads: number;
+  capacity: number;
+  headDim: number;
+}
 
 export class KvCache {
   /** `past.{i}.key` / `past.{i}.value`: [rows, heads, capacity, headDim], zero-filled. */
@@ -15,13 +25,12 @@ export class KvCache {
   /** Per row and slot: 1 where the slot holds a key to attend to (0 for padding and empty slots). */
   private slotMask: Uint8Array;
 
+  /** @param cross inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`) */
   constructor(
-    readonly layers: number,
-    readonly rows: number,
-    readonly heads: number,
-    readonly capacity: number,
-    readonly headDim: number,
+    readonly shape: CacheShape,
+    readonly cross: Record<string, ort.Tensor> = {},
   ) {
+    const { layers, rows, heads, capacity, headDim } = shape;
     const size = rows * heads * capacity * headDim;
     for (let i = 0; i < layers; i++) {
       for (const kind of ["key", "value"]) this.tensors[`past.${i}.${kind}`] = new ort.Tensor("float32", new Float32Array(size), [rows, heads, capacity, headDim]);
@@ -29,24 +38,29 @@ export class KvCache {
     this.slotMask = new Uint8Array(rows * capacity);
   }
 
+  get capacity(): number {
+    return this.shape.capacity;
+  }
+
   /** The attention mask for a step: every slot, then the new positions' own mask. */
   stepMask(newMask: number[][]): ort.Tensor {
+    const { rows, capacity } = this.shape;
     const width = newMask[0]!.length;
-    if (newMask.length !== this.rows) throw new Blip2Error(`internal: mask for ${newMask.length} rows, cache has ${this.rows}`);
-    const out = new BigInt64Array(this.rows * (this.capacity + width));
-    for (let r = 0; r < this.rows; r++) {
-      const at = r * (this.capacity + width);
-      for (let s = 0; s < this.capacity; s++) out[at + s] = BigInt(this.slotMask[r * this.capacity + s]!);
-      newMask[r]!.forEach((m, j) => (out[at + this.capacity + j] = BigInt(m)));
+    if (newMask.length !== rows) throw new Blip2Error(`internal: mask for ${newMask.length} rows, cache has ${rows}`);
+    const out = new BigInt64Array(rows * (capacity + width));
+    for (let r = 0; r < rows; r++) {
+      const at = r * (capacity + width);
+      for (let s = 0; s < capacity; s++) out[at + s] = BigInt(this.slotMask[r * capacity + s]!);
+      newMask[r]!.forEach((m, j) => (out[at + capacity + j] = BigInt(m)));
     }
-    return new ort.Tensor("int64", out, [this.rows, this.capacity + width]);
+    return new ort.Tensor("int64", out, [rows, capacity + width]);
   }
 
   /** Writes a step's new keys/values (`new.{i}.key`, [rows, heads, S, headDim]) into the next slots. */
   append(outputs: Record<string, ort.Tensor>, newMask: number[][]): void {
     const steps = newMask[0]!.length;
-    if (this.length + steps > this.capacity) throw new Blip2Error(`internal: key/value cache of ${this.capacity} positions is full`);
-    const { rows, heads, capacity, headDim } = this;
+    const { rows, heads, capacity, headDim } = this.shape;
+    if (this.length + steps > capacity) throw new Blip2Error(`internal: key/value cache of ${capacity} positions is full`);
     for (const [name, t] of Object.entries(this.tensors)) {
       const src = outputs[`new.${name.slice(5)}`]?.data as Float32Array | undefined;
       if (!src) throw new Blip2Error(`internal: the decoder did not return new.${name.slice(5)}`);
@@ -62,13 +76,14 @@ export class KvCache {
   /** Keeps rows `index` in that order (beam search). */
   reorder(index: number[]): void {
     if (index.every((r, i) => r === i)) return;
-    const rowSize = this.heads * this.capacity * this.headDim;
+    const { heads, capacity, headDim } = this.shape;
+    const rowSize = heads * capacity * headDim;
     for (const t of Object.values(this.tensors)) {
       const data = t.data as Float32Array;
       const copy = data.slice();
       index.forEach((from, to) => data.set(copy.subarray(from * rowSize, (from + 1) * rowSize), to * rowSize));
     }
     const masks = this.slotMask.slice();
-    index.forEach((from, to) => this.slotMask.set(masks.subarray(from * this.capacity, (from + 1) * this.capacity), to * this.capacity));
+    index.forEach((from, to) => this.slotMask.set(masks.subarray(from * capacity, (from + 1) * capacity), to * capacity));
   }
 }

@@ -41,7 +41,7 @@ interface Host {
   create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void>;
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
   release(id: number): Promise<void>;
-  newCache(id: number, shape: CacheShape): Promise<void>;
+  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>): Promise<void>;
   reorderCache(id: number, index: number[]): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
@@ -57,8 +57,8 @@ class LocalHost implements Host {
   release(id: number) {
     return this.host.release(id);
   }
-  async newCache(id: number, shape: CacheShape) {
-    this.host.newCache(id, shape);
+  async newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>) {
+    this.host.newCache(id, shape, cross);
   }
   async reorderCache(id: number, index: number[]) {
     this.host.reorderCache(id, index);
@@ -120,8 +120,8 @@ class WorkerHost implements Host {
   release(id: number) {
     return this.call<void>({ op: "release", id });
   }
-  newCache(id: number, shape: CacheShape) {
-    return this.call<void>({ op: "newCache", id, shape });
+  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>) {
+    return this.call<void>({ op: "newCache", id, shape, cross: toWire(cross) });
   }
   reorderCache(id: number, index: number[]) {
     return this.call<void>({ op: "reorderCache", id, index });
@@ -184,10 +184,10 @@ export class CompiledGraph {
     return run;
   }
 
-  /** A key/value cache beside this session (see runtime/kvCache.ts). */
-  async newCache(shape: CacheShape): Promise<CacheHandle> {
+  /** A key/value cache beside this session (see runtime/kvCache.ts), with the cross-attention inputs its steps feed. */
+  async newCache(shape: CacheShape, cross: Record<string, ort.Tensor> = {}): Promise<CacheHandle> {
     const id = ++nextId;
-    await this.host.newCache(id, shape);
+    await this.host.newCache(id, shape, cross);
     return new CacheHandle(this.host, id, shape.capacity);
   }
 

@@ -6,15 +6,9 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { KvCache } from "./kvCache.js";
+import { KvCache, type CacheShape } from "./kvCache.js";
 
-export interface CacheShape {
-  layers: number;
-  rows: number;
-  heads: number;
-  capacity: number;
-  headDim: number;
-}
+export type { CacheShape };
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
@@ -38,7 +32,7 @@ export class SessionHost {
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
     const { name, session } = this.session(id);
     const cache = step ? this.cache(step.cache) : null;
-    const all = cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors } : feeds;
+    const all = cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors, ...cache.cross } : feeds;
     let outputs: Record<string, ort.Tensor>;
     try {
       outputs = (await session.run(all)) as Record<string, ort.Tensor>;
@@ -58,8 +52,9 @@ export class SessionHost {
     await s?.session.release();
   }
 
-  newCache(id: number, shape: CacheShape): void {
-    this.caches.set(id, new KvCache(shape.layers, shape.rows, shape.heads, shape.capacity, shape.headDim));
+  /** A cache for `shape`; `cross` is fed unchanged with every step that uses it. */
+  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor> = {}): void {
+    this.caches.set(id, new KvCache(shape, cross));
   }
 
   reorderCache(id: number, index: number[]): void {

@@ -1,6 +1,7 @@
 /** The worker thread that hosts ONNX Runtime sessions and caches for runtime/session.ts. */
 import { parentPort } from "node:worker_threads";
 import { describeError } from "../errors.js";
+import { collectGarbage } from "./gc.js";
 import { buffersOf, fromWire, SessionHost, toWire } from "./sessionHost.js";
 
 const host = new SessionHost();
@@ -24,13 +25,15 @@ parentPort!.on("message", async (m) => {
         await host.release(m.id);
         break;
       case "newCache":
-        host.newCache(m.id, m.shape);
+        host.newCache(m.id, m.shape, fromWire(m.cross));
         break;
       case "reorderCache":
         host.reorderCache(m.id, m.index);
         break;
       case "dropCache":
         host.dropCache(m.id);
+        // The generation is over: free its garbage now (see gc.ts).
+        collectGarbage();
         break;
     }
     parentPort!.postMessage({ seq: m.seq, result }, transfer);

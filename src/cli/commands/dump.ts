@@ -83,7 +83,7 @@ async function logits(rt: Blip2Runtime, inputIds: number[][], attentionMask: num
   const ids = decoderIds ?? [text.decoderStartTokenId];
   const bad = ids.find((i) => i >= text.vocabSize);
   if (bad !== undefined) throw new UsageError(`dump: decoder input id ${bad} is outside the vocabulary (size ${text.vocabSize})`);
-  return (await rt.t5Decode([ids], mask, cross, await rt.newCache(1, 0))).logits!;
+  return (await rt.t5Decode([ids], mask, await rt.newCache(1, 0, cross))).logits!;
 }
 
 function parseIds(text: string | undefined): number[] | null {
