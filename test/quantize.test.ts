@@ -47,6 +47,45 @@ describe("block quantization", () => {
   });
 });
 
+describe("conversion threads", () => {
+  it("write, over several threads, exactly what quantizeMatrix gives for each weight", async () => {
+    const { Checkpoint } = await import("../src/io/checkpoint.js");
+    const { readSafetensorsHeader, readTensorBytes, readTensorF32 } = await import("../src/io/safetensors.js");
+    const { linearWeights, writeVariants } = await import("../src/quantize/quantize.js");
+    const ckpt = Checkpoint.open(fixture("tiny-blip2-opt"));
+    const names = linearWeights(ckpt).byPart.language;
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "blip2-threads-")), "language-q8.safetensors");
+    const seen: number[] = [];
+    await writeVariants(file, ckpt, names, "q8", (done) => seen.push(done));
+    expect(seen).toEqual(names.map((_, i) => i + 1));
+    const written = readSafetensorsHeader(file).tensors;
+    for (const name of names) {
+      const info = ckpt.tensor(name);
+      const [n, k] = info.shape as [number, number];
+      const blockSize = written.get(`${name}.q8.weight`)!.shape[2]!;
+      const q = quantizeMatrix(readTensorF32(info), n, k, 8, blockSize);
+      expect(new Uint8Array(readTensorBytes(written.get(`${name}.q8.weight`)!))).toEqual(q.weight);
+      expect(new Float32Array(new Uint8Array(readTensorBytes(written.get(`${name}.q8.scales`)!)).buffer)).toEqual(q.scales);
+    }
+  });
+
+  it("a weight that cannot be read fails its job with the file named, and the threads go on", async () => {
+    const { QuantizePool } = await import("../src/quantize/pool.js");
+    const pool = new QuantizePool(2);
+    try {
+      const missing = { name: "w", dtype: "F32" as const, shape: [16, 32], file: path.join(os.tmpdir(), "no-such-blip2-file.safetensors"), offset: 0, byteLength: 16 * 32 * 4 };
+      await expect(pool.quantize({ info: missing, bits: 8, blockSize: 32 })).rejects.toThrow(/no-such-blip2-file/);
+      const weights = random(16 * 32, 3);
+      const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "blip2-pool-")), "w.bin");
+      fs.writeFileSync(file, weights);
+      const q = await pool.quantize({ info: { ...missing, file }, bits: 4, blockSize: 16 });
+      expect(q.weight).toEqual(quantizeMatrix(weights, 16, 32, 4, 16).weight);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
 describe("dtype options", () => {
   it("parses the shorthand and per-part forms", () => {
     expect(resolveDTypes(parseDTypeSpec("q8"))).toEqual({ vision: "q8", qformer: "q8", language: "q8" });

@@ -233,14 +233,16 @@ export interface StreamedTensor {
   dtype: SafeDType;
   shape: number[];
   /** Produces the tensor's bytes when its turn to be written comes. */
-  data: () => Uint8Array;
+  data: () => Uint8Array | Promise<Uint8Array>;
+  /** Starts producing them in the background, some tensors ahead of their turn. */
+  prepare?: () => void;
 }
 
 /**
- * Write tensors one at a time (each produced on demand, so only one is in memory), atomically.
- * `onWritten` is told each tensor's name after it is on disk.
+ * Write tensors in order, atomically, each produced on demand while the next `ahead` are prepared
+ * (so only those are in memory). `onWritten` is told each tensor's name after it is on disk.
  */
-export function writeSafetensorsStreamed(file: string, tensors: StreamedTensor[], metadata: Record<string, string>, onWritten?: (name: string) => void): void {
+export async function writeSafetensorsStreamed(file: string, tensors: StreamedTensor[], metadata: Record<string, string>, onWritten?: (name: string) => void, ahead = 0): Promise<void> {
   const header: Record<string, unknown> = { __metadata__: metadata };
   let offset = 0;
   for (const t of tensors) {
@@ -257,8 +259,10 @@ export function writeSafetensorsStreamed(file: string, tensors: StreamedTensor[]
     len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
     fs.writeSync(fd, len);
     fs.writeSync(fd, json);
-    for (const t of tensors) {
-      const data = t.data();
+    for (let i = 0; i < tensors.length; i++) {
+      for (const next of tensors.slice(i, i + 1 + ahead)) next.prepare?.();
+      const t = tensors[i]!;
+      const data = await t.data();
       const expected = (header[t.name] as { data_offsets: number[] }).data_offsets;
       if (data.byteLength !== expected[1]! - expected[0]!) throw new Blip2Error(`internal: tensor ${t.name} produced ${data.byteLength} bytes, expected ${expected[1]! - expected[0]!}`);
       fs.writeSync(fd, data);

@@ -13,7 +13,8 @@ import { floatToHalf, readSafetensorsHeader, readTensorF32, writeSafetensorsStre
 import type { Graph } from "../ir/graph.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph } from "../models/blip2.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
-import { quantizeMatrix, zeroPointBytesPerRow } from "./blockQuant.js";
+import { zeroPointBytesPerRow, type QuantizedMatrix } from "./blockQuant.js";
+import { QuantizePool } from "./pool.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
 /**
@@ -119,7 +120,7 @@ export async function withDTypes(ckpt: Checkpoint, dtypes: PartDTypes, options: 
       fs.mkdirSync(folder, { recursive: true });
       removeAbandonedFiles(folder);
       weights ??= linearWeights(ckpt);
-      writeVariants(file, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
+      await writeVariants(file, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
     }
     for (const [name, info] of readSafetensorsHeader(file).tensors) extra.set(name, info);
   }
@@ -146,14 +147,23 @@ function processAlive(pid: number): boolean {
   }
 }
 
-/** Converts `names` to `dtype` into a safetensors file, one weight in memory at a time. */
-export function writeVariants(file: string, ckpt: Checkpoint, names: string[], dtype: Exclude<WeightDType, "fp32">, progress?: (done: number, total: number) => void): void {
+/** Converts `names` to `dtype` into a safetensors file, on worker threads, a few weights in memory at a time. */
+export async function writeVariants(file: string, ckpt: Checkpoint, names: string[], dtype: Exclude<WeightDType, "fp32">, progress?: (done: number, total: number) => void): Promise<void> {
   const each = (name: string) => weightDType(name, dtype) as Exclude<WeightDType, "fp32">;
-  writeSafetensorsStreamed(file, names.flatMap((name) => variantTensors(ckpt.tensor(name), each(name))), { format: WEIGHTS_FORMAT, dtype }, (written) => {
-    const done = names.findIndex((n) => written === variantNames(n, each(n)).at(-1)) + 1;
-    if (done) progress?.(done, names.length);
-  });
+  const pool = new QuantizePool();
+  try {
+    const tensors = names.flatMap((name) => variantTensors(ckpt.tensor(name), each(name), pool));
+    await writeSafetensorsStreamed(file, tensors, { format: WEIGHTS_FORMAT, dtype }, (written) => {
+      const done = names.findIndex((n) => written === variantNames(n, each(n)).at(-1)) + 1;
+      if (done) progress?.(done, names.length);
+    }, aheadFor(pool));
+  } finally {
+    await pool.close();
+  }
 }
+
+/** How many tensors to prepare ahead of the one being written: enough to keep every thread busy (3 tensors per weight). */
+export const aheadFor = (pool: QuantizePool) => 3 * pool.threads;
 
 function largestPowerOfTwoDividing(k: number): number {
   let p = 1;
@@ -161,8 +171,11 @@ function largestPowerOfTwoDividing(k: number): number {
   return p;
 }
 
-/** The tensors standing for one [N, K] weight in `dtype`, produced lazily (one quantization per weight). */
-export function variantTensors(info: TensorInfo, dtype: Exclude<WeightDType, "fp32">): StreamedTensor[] {
+/**
+ * The tensors standing for one [N, K] weight in `dtype`, produced lazily: the weight is quantized
+ * once, on `pool`'s threads, when the first of them is prepared or needed.
+ */
+export function variantTensors(info: TensorInfo, dtype: Exclude<WeightDType, "fp32">, pool: QuantizePool): StreamedTensor[] {
   const [n, k] = info.shape as [number, number];
   const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
   if (dtype === "fp16") {
@@ -173,16 +186,23 @@ export function variantTensors(info: TensorInfo, dtype: Exclude<WeightDType, "fp
   const blockSize = Math.min(BLOCK_SIZE, largestPowerOfTwoDividing(k));
   if (blockSize < 16) throw new Blip2Error(`${info.name}: ${k} input features cannot be split into blocks of 16 or more for ${dtype}; keep this part in fp32`);
   const kBlocks = k / blockSize;
-  let cached: ReturnType<typeof quantizeMatrix> | null = null;
-  const q = () => (cached ??= quantizeMatrix(readTensorF32(info), n, k, bits, blockSize));
-  const take = <T>(f: (m: ReturnType<typeof quantizeMatrix>) => T, last = false) => () => {
-    const value = f(q());
-    if (last) cached = null;
+  let job: Promise<QuantizedMatrix> | null = null;
+  const start = () => {
+    if (!job) {
+      job = pool.quantize({ info, bits, blockSize });
+      // Handled where the bytes are taken; a write that fails first never takes them.
+      job.catch(() => {});
+    }
+    return job;
+  };
+  const take = (f: (m: QuantizedMatrix) => Uint8Array, last = false) => async () => {
+    const value = f(await start());
+    if (last) job = null;
     return value;
   };
   return [
-    { name: `${info.name}.${dtype}.weight`, dtype: "U8", shape: [n, kBlocks, (blockSize * bits) / 8], data: take((m) => m.weight) },
-    { name: `${info.name}.${dtype}.scales`, dtype: "F32", shape: [n * kBlocks], data: take((m) => bytes(m.scales)) },
-    { name: `${info.name}.${dtype}.zero_points`, dtype: "U8", shape: [n * zeroPointBytesPerRow(kBlocks, bits)], data: take((m) => m.zeroPoints, true) },
+    { name: `${info.name}.${dtype}.weight`, dtype: "U8", shape: [n, kBlocks, (blockSize * bits) / 8], data: take((m) => m.weight), prepare: start },
+    { name: `${info.name}.${dtype}.scales`, dtype: "F32", shape: [n * kBlocks], data: take((m) => bytes(m.scales)), prepare: start },
+    { name: `${info.name}.${dtype}.zero_points`, dtype: "U8", shape: [n * zeroPointBytesPerRow(kBlocks, bits)], data: take((m) => m.zeroPoints, true), prepare: start },
   ];
 }

@@ -9,9 +9,10 @@ import fs from "node:fs";
 import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 import { Graph } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
+import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import { fromWire, SessionHost, toWire, type CacheShape, type CacheStep, type WireTensor } from "./sessionHost.js";
@@ -76,14 +77,7 @@ class WorkerHost implements Host {
   private failure: Error | null = null;
 
   constructor() {
-    const here = new URL(import.meta.url);
-    if (here.pathname.endsWith(".ts")) {
-      // Running from the TypeScript sources (tests, tsx): load the worker through tsx.
-      const entry = new URL("./sessionWorker.ts", here).href;
-      this.worker = new Worker(`import("tsx/esm/api").then((tsx) => { tsx.register(); return import(${JSON.stringify(entry)}); });`, { eval: true });
-    } else {
-      this.worker = new Worker(new URL("./sessionWorker.js", here));
-    }
+    this.worker = startWorker(import.meta.url, "sessionWorker");
     this.worker.unref();
     this.worker.on("message", (m: { seq: number; result?: unknown; error?: string }) => {
       const p = this.pending.get(m.seq);

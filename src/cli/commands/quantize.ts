@@ -25,7 +25,7 @@ export const quantize: Command = {
     const out = requiredOption(args, "quantize", "out");
     const progress = progressSink(io.stderr, args.values.quiet === true);
     const dir = await resolveModel(stringOption(args, "model") ?? DEFAULT_MODEL, { revision: stringOption(args, "revision"), progress: (p) => progress.download(p) });
-    writeConvertedFolder(Checkpoint.open(dir), dtypes, out, (done, total) => progress.items("writing", done, total));
+    await writeConvertedFolder(Checkpoint.open(dir), dtypes, out, (done, total) => progress.items("writing", done, total));
     io.stdout.write(`wrote ${out} (vision ${dtypes.vision}, qformer ${dtypes.qformer}, language ${dtypes.language})\n`);
     return 0;
   },
