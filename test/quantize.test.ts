@@ -80,6 +80,11 @@ describe("conversion threads", () => {
       fs.writeFileSync(file, weights);
       const q = await pool.quantize({ info: { ...missing, file }, bits: 4, blockSize: 16 });
       expect(q.weight).toEqual(quantizeMatrix(weights, 16, 32, 4, 16).weight);
+      // Closing (a write failed) fails what is still queued rather than starting it.
+      const jobs = [1, 2, 3, 4].map(() => pool.quantize({ info: { ...missing, file }, bits: 8, blockSize: 16 }));
+      await pool.close();
+      const results = await Promise.allSettled(jobs);
+      expect(results.at(-1)).toMatchObject({ status: "rejected", reason: { message: "the quantization threads were closed" } });
     } finally {
       await pool.close();
     }

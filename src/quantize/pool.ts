@@ -30,6 +30,7 @@ export class QuantizePool {
   private readonly all: Worker[] = [];
   private readonly queue: { job: QuantizeJob; pending: Pending }[] = [];
   private readonly running = new Map<Worker, Pending>();
+  private closed = false;
 
   constructor(readonly threads = Math.min(MAX_THREADS, os.availableParallelism())) {}
 
@@ -40,12 +41,15 @@ export class QuantizePool {
     });
   }
 
+  /** Ends the threads; jobs still waiting fail. */
   async close(): Promise<void> {
+    this.closed = true;
+    for (const { pending } of this.queue.splice(0)) pending.reject(new Blip2Error("the quantization threads were closed"));
     await Promise.all(this.all.map((w) => w.terminate()));
   }
 
   private next(): void {
-    if (!this.queue.length) return;
+    if (this.closed || !this.queue.length) return;
     const worker = this.idle.pop() ?? (this.all.length < this.threads ? this.spawn() : null);
     if (!worker) return;
     const { job, pending } = this.queue.shift()!;
