@@ -82,8 +82,9 @@ describe("conversion threads", () => {
       expect(q.weight).toEqual(quantizeMatrix(weights, 16, 32, 4, 16).weight);
       // Closing (a write failed) fails what is still queued rather than starting it.
       const jobs = [1, 2, 3, 4].map(() => pool.quantize({ info: { ...missing, file }, bits: 8, blockSize: 16 }));
+      const settled = Promise.allSettled(jobs);
       await pool.close();
-      const results = await Promise.allSettled(jobs);
+      const results = await settled;
       expect(results.at(-1)).toMatchObject({ status: "rejected", reason: { message: "the quantization threads were closed" } });
     } finally {
       await pool.close();
