@@ -73,11 +73,14 @@ export class QuantizePool {
     return worker;
   }
 
-  /** A thread that died takes its job with it; the others go on. */
+  /** A thread that died takes its job with it; the others go on. (An `error` is followed by an `exit`: counted once.) */
   private fail(worker: Worker, err: Error): void {
+    const at = this.all.indexOf(worker);
+    if (at < 0) return;
+    this.all.splice(at, 1);
+    if (this.idle.includes(worker)) this.idle.splice(this.idle.indexOf(worker), 1);
     const pending = this.running.get(worker);
     this.running.delete(worker);
-    this.all.splice(this.all.indexOf(worker), 1);
     pending?.reject(new Blip2Error(`a quantization thread failed: ${err.message}`));
     this.next();
   }
