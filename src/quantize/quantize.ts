@@ -150,20 +150,27 @@ function processAlive(pid: number): boolean {
 /** Converts `names` to `dtype` into a safetensors file, on worker threads, a few weights in memory at a time. */
 export async function writeVariants(file: string, ckpt: Checkpoint, names: string[], dtype: Exclude<WeightDType, "fp32">, progress?: (done: number, total: number) => void): Promise<void> {
   const each = (name: string) => weightDType(name, dtype) as Exclude<WeightDType, "fp32">;
-  const pool = new QuantizePool();
-  try {
+  await withQuantizePool((pool, ahead) => {
     const tensors = names.flatMap((name) => variantTensors(ckpt.tensor(name), each(name), pool));
-    await writeSafetensorsStreamed(file, tensors, { format: WEIGHTS_FORMAT, dtype }, (written) => {
+    return writeSafetensorsStreamed(file, tensors, { format: WEIGHTS_FORMAT, dtype }, (written) => {
       const done = names.findIndex((n) => written === variantNames(n, each(n)).at(-1)) + 1;
       if (done) progress?.(done, names.length);
-    }, aheadFor(pool));
+    }, ahead);
+  });
+}
+
+/**
+ * Runs `write` with a quantization pool, closed afterwards whatever happens, and how many tensors
+ * to prepare ahead of the one being written: enough to keep every thread busy (3 tensors per weight).
+ */
+export async function withQuantizePool(write: (pool: QuantizePool, ahead: number) => Promise<void>): Promise<void> {
+  const pool = new QuantizePool();
+  try {
+    await write(pool, 3 * pool.threads);
   } finally {
     await pool.close();
   }
 }
-
-/** How many tensors to prepare ahead of the one being written: enough to keep every thread busy (3 tensors per weight). */
-export const aheadFor = (pool: QuantizePool) => 3 * pool.threads;
 
 function largestPowerOfTwoDividing(k: number): number {
   let p = 1;

@@ -15,7 +15,8 @@ import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { isQuantized, type WeightDType } from "../quantize/dtype.js";
-import { fromWire, SessionHost, toWire, type CacheShape, type CacheStep, type WireTensor } from "./sessionHost.js";
+import type { CacheShape } from "./kvCache.js";
+import { fromWire, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
 

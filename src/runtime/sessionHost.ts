@@ -8,8 +8,6 @@ import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
 import { KvCache, type CacheShape } from "./kvCache.js";
 
-export type { CacheShape };
-
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
   cache: number;
