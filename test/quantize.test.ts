@@ -8,6 +8,7 @@ import { Blip2, type GenerationOptions } from "../src/index.js";
 import { Graph } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import * as op from "../src/ir/ops.js";
+import { floatToHalf } from "../src/io/safetensors.js";
 import { dequantizeMatrix, quantizeMatrix } from "../src/quantize/blockQuant.js";
 import { parseDTypeSpec, resolveDTypes, weightDType } from "../src/quantize/dtype.js";
 import { cli, fixture } from "./helpers.js";
@@ -69,19 +70,20 @@ describe("conversion threads", () => {
     }
   });
 
-  it("a weight that cannot be read fails its job with the file named, and the threads go on", async () => {
+  it("a weight that cannot be read fails its job with the file named, and the threads go on (blocks and float16)", async () => {
     const { QuantizePool } = await import("../src/quantize/pool.js");
     const pool = new QuantizePool(2);
     try {
       const missing = { name: "w", dtype: "F32" as const, shape: [16, 32], file: path.join(os.tmpdir(), "no-such-blip2-file.safetensors"), offset: 0, byteLength: 16 * 32 * 4 };
-      await expect(pool.quantize({ info: missing, bits: 8, blockSize: 32 })).rejects.toThrow(/no-such-blip2-file/);
+      await expect(pool.quantize(missing, 8, 32)).rejects.toThrow(/no-such-blip2-file/);
       const weights = random(16 * 32, 3);
       const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "blip2-pool-")), "w.bin");
       fs.writeFileSync(file, weights);
-      const q = await pool.quantize({ info: { ...missing, file }, bits: 4, blockSize: 16 });
+      const q = await pool.quantize({ ...missing, file }, 4, 16);
       expect(q.weight).toEqual(quantizeMatrix(weights, 16, 32, 4, 16).weight);
+      expect(await pool.toHalf({ ...missing, file })).toEqual(Uint16Array.from(weights, floatToHalf));
       // Closing (a write failed) fails what is still queued rather than starting it.
-      const jobs = [1, 2, 3, 4].map(() => pool.quantize({ info: { ...missing, file }, bits: 8, blockSize: 16 }));
+      const jobs = [1, 2, 3, 4].map(() => pool.quantize({ ...missing, file }, 8, 16));
       const settled = Promise.allSettled(jobs);
       await pool.close();
       const results = await settled;

@@ -1,8 +1,8 @@
 /**
- * Quantization on worker threads, one weight per job: converting a checkpoint is a one-time cost
- * of a minute or more of arithmetic per precision (OPT-2.7B: 3.8 billion weights at about 70
- * million a second per core), and spreading it over the cores shortens it; it also keeps the
- * event loop free meanwhile.
+ * Weight conversion on worker threads, one weight per job: converting a checkpoint is a one-time
+ * cost of a minute or more of arithmetic per precision (OPT-2.7B: 3.8 billion weights at about 70
+ * million a second per core into blocks), and spreading it over the cores shortens it; it also
+ * keeps the event loop free meanwhile.
  */
 import os from "node:os";
 import type { Worker } from "node:worker_threads";
@@ -11,14 +11,11 @@ import type { TensorInfo } from "../io/safetensors.js";
 import { startWorker } from "../thread.js";
 import type { QuantizedMatrix } from "./blockQuant.js";
 
-export interface QuantizeJob {
-  info: TensorInfo;
-  bits: 4 | 8;
-  blockSize: number;
-}
+/** One weight to convert: into 8/4-bit blocks, or narrowed to float16. */
+export type ConvertJob = { info: TensorInfo; to: "blocks"; bits: 4 | 8; blockSize: number } | { info: TensorInfo; to: "fp16" };
 
 interface Pending {
-  resolve: (m: QuantizedMatrix) => void;
+  resolve: (result: unknown) => void;
   reject: (e: Error) => void;
 }
 
@@ -28,15 +25,25 @@ const MAX_THREADS = 8;
 export class QuantizePool {
   private readonly idle: Worker[] = [];
   private readonly all: Worker[] = [];
-  private readonly queue: { job: QuantizeJob; pending: Pending }[] = [];
+  private readonly queue: { job: ConvertJob; pending: Pending }[] = [];
   private readonly running = new Map<Worker, Pending>();
   private closed = false;
 
   constructor(readonly threads = Math.min(MAX_THREADS, os.availableParallelism())) {}
 
-  quantize(job: QuantizeJob): Promise<QuantizedMatrix> {
+  /** A [N, K] weight in blocks of `blockSize` along K (blockQuant.ts). */
+  quantize(info: TensorInfo, bits: 4 | 8, blockSize: number): Promise<QuantizedMatrix> {
+    return this.run({ info, to: "blocks", bits, blockSize });
+  }
+
+  /** A weight's values as float16 bits. */
+  toHalf(info: TensorInfo): Promise<Uint16Array> {
+    return this.run({ info, to: "fp16" });
+  }
+
+  private run<T>(job: ConvertJob): Promise<T> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ job, pending: { resolve, reject } });
+      this.queue.push({ job, pending: { resolve: resolve as (r: unknown) => void, reject } });
       this.next();
     });
   }
@@ -60,7 +67,7 @@ export class QuantizePool {
   private spawn(): Worker {
     const worker = startWorker(import.meta.url, "quantizeWorker");
     this.all.push(worker);
-    worker.on("message", (m: { result?: QuantizedMatrix; error?: string }) => {
+    worker.on("message", (m: { result?: unknown; error?: string }) => {
       const pending = this.running.get(worker)!;
       this.running.delete(worker);
       this.idle.push(worker);

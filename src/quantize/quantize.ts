@@ -9,11 +9,11 @@ import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
-import { floatToHalf, readSafetensorsHeader, readTensorF32, writeSafetensorsStreamed, type StreamedTensor, type TensorInfo } from "../io/safetensors.js";
+import { readSafetensorsHeader, writeSafetensorsStreamed, type StreamedTensor, type TensorInfo } from "../io/safetensors.js";
 import type { Graph } from "../ir/graph.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph } from "../models/blip2.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
-import { zeroPointBytesPerRow, type QuantizedMatrix } from "./blockQuant.js";
+import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
@@ -179,37 +179,47 @@ function largestPowerOfTwoDividing(k: number): number {
 }
 
 /**
- * The tensors standing for one [N, K] weight in `dtype`, produced lazily: the weight is quantized
+ * The tensors standing for one [N, K] weight in `dtype`, produced lazily: the weight is converted
  * once, on `pool`'s threads, when the first of them is prepared or needed.
  */
 export function variantTensors(info: TensorInfo, dtype: Exclude<WeightDType, "fp32">, pool: QuantizePool): StreamedTensor[] {
   const [n, k] = info.shape as [number, number];
   const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
   if (dtype === "fp16") {
-    return [{ name: `${info.name}.fp16`, dtype: "F16", shape: [n, k], data: () => bytes(Uint16Array.from(readTensorF32(info), floatToHalf)) }];
+    const { start, take } = lazyJob(() => pool.toHalf(info));
+    return [{ name: `${info.name}.fp16`, dtype: "F16", shape: [n, k], data: take(bytes, true), prepare: start }];
   }
   const bits = dtype === "q4" ? 4 : 8;
   // A block cannot be longer than the row.
   const blockSize = Math.min(BLOCK_SIZE, largestPowerOfTwoDividing(k));
   if (blockSize < 16) throw new Blip2Error(`${info.name}: ${k} input features cannot be split into blocks of 16 or more for ${dtype}; keep this part in fp32`);
   const kBlocks = k / blockSize;
-  let job: Promise<QuantizedMatrix> | null = null;
-  const start = () => {
-    if (!job) {
-      job = pool.quantize({ info, bits, blockSize });
-      // Handled where the bytes are taken; a write that fails first never takes them.
-      job.catch(() => {});
-    }
-    return job;
-  };
-  const take = (f: (m: QuantizedMatrix) => Uint8Array, last = false) => async () => {
-    const value = f(await start());
-    if (last) job = null;
-    return value;
-  };
+  const { start, take } = lazyJob(() => pool.quantize(info, bits, blockSize));
   return [
     { name: `${info.name}.${dtype}.weight`, dtype: "U8", shape: [n, kBlocks, (blockSize * bits) / 8], data: take((m) => m.weight), prepare: start },
     { name: `${info.name}.${dtype}.scales`, dtype: "F32", shape: [n * kBlocks], data: take((m) => bytes(m.scales)), prepare: start },
     { name: `${info.name}.${dtype}.zero_points`, dtype: "U8", shape: [n * zeroPointBytesPerRow(kBlocks, bits)], data: take((m) => m.zeroPoints, true), prepare: start },
   ];
+}
+
+/**
+ * A job started by the first `start` (a tensor prepared ahead) or `take` (a tensor written), whose
+ * result the tensors take their bytes from; the last `take` lets it go.
+ */
+function lazyJob<T>(run: () => Promise<T>) {
+  let job: Promise<T> | null = null;
+  const start = () => {
+    if (!job) {
+      job = run();
+      // Handled where the bytes are taken; a write that fails first never takes them.
+      job.catch(() => {});
+    }
+    return job;
+  };
+  const take = (f: (result: T) => Uint8Array, last = false) => async () => {
+    const value = f(await start());
+    if (last) job = null;
+    return value;
+  };
+  return { start, take };
 }

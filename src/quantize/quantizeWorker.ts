@@ -1,14 +1,20 @@
-/** A worker thread of quantize/pool.ts: reads one weight from its file and quantizes it. */
+/** A worker thread of quantize/pool.ts: reads one weight from its file and converts it. */
 import { parentPort } from "node:worker_threads";
 import { describeError } from "../errors.js";
-import { readTensorF32 } from "../io/safetensors.js";
+import { floatToHalf, readTensorF32 } from "../io/safetensors.js";
 import { quantizeMatrix } from "./blockQuant.js";
-import type { QuantizeJob } from "./pool.js";
+import type { ConvertJob } from "./pool.js";
 
-parentPort!.on("message", ({ info, bits, blockSize }: QuantizeJob) => {
+parentPort!.on("message", (job: ConvertJob) => {
   try {
-    const [n, k] = info.shape as [number, number];
-    const m = quantizeMatrix(readTensorF32(info), n, k, bits, blockSize);
+    const w = readTensorF32(job.info);
+    if (job.to === "fp16") {
+      const half = Uint16Array.from(w, floatToHalf);
+      parentPort!.postMessage({ result: half }, [half.buffer]);
+      return;
+    }
+    const [n, k] = job.info.shape as [number, number];
+    const m = quantizeMatrix(w, n, k, job.bits, job.blockSize);
     parentPort!.postMessage({ result: m }, [m.weight.buffer, m.scales.buffer, m.zeroPoints.buffer] as ArrayBuffer[]);
   } catch (err) {
     parentPort!.postMessage({ error: describeError(err) });
