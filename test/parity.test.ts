@@ -36,8 +36,7 @@ async function languageModel(rt: Blip2Runtime, image: Tensors, inputIds: number[
   const batch = inputIds.length;
   if (rt.config.text.modelType === "opt") return rt.optDecode(embeds, mask, await rt.newCache(batch, 0));
   const encoder = await rt.t5Encode(embeds, mask);
-  const cross = await rt.t5Cross(encoder.last_hidden_state!);
-  return { ...encoder, ...(await rt.t5Decode(decoderInputIds!, mask, await rt.newCache(batch, 0, cross))) };
+  return { ...encoder, ...(await rt.t5Decode(decoderInputIds!, mask, await rt.t5Cache(encoder.last_hidden_state!, 0))) };
 }
 
 describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s (transformers 5.17)", (name) => {

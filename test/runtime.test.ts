@@ -49,9 +49,9 @@ describe("inference off the main thread", () => {
     await here.release();
   });
 
-  it("gives the same generations in this thread as in the worker", async () => {
-    const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
-    const b = await Blip2.load(fixture("tiny-blip2-opt"), { worker: false });
+  it.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s: gives the same generations in this thread as in the worker", async (name) => {
+    const ref = JSON.parse(fs.readFileSync(fixture(name, "reference.json"), "utf8"));
+    const b = await Blip2.load(fixture(name), { worker: false });
     loaded.push(b);
     const [r] = await b.captionAll([fixture("image0.png")], { maxNewTokens: 10, numBeams: 3, minNewTokens: 3, prompt: ref.prompts[1] });
     expect(r!.ids).toEqual(ref.cases["1"].beam3_ids);

@@ -9,7 +9,7 @@
  */
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
-import type { Blip2Runtime, Tensors } from "../runtime/blip2Runtime.js";
+import type { Blip2Runtime } from "../runtime/blip2Runtime.js";
 import type { CacheHandle } from "../runtime/session.js";
 import { tensor } from "../runtime/session.js";
 import type { ResolvedGeneration } from "./options.js";
@@ -54,8 +54,7 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(gatherRows(embeds, rows), rows.map((r) => mask[r]!));
-    const cross = await rt.t5Cross(encoder.last_hidden_state!);
-    decoding = new T5Decoding(rt, cross, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
+    decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
@@ -140,7 +139,7 @@ class T5Decoding implements DecodingModel {
 
   constructor(
     private readonly rt: Blip2Runtime,
-    private readonly cross: Tensors,
+    private readonly encoderHidden: ort.Tensor,
     private readonly encoderMask: number[][],
     private readonly startToken: number,
     private readonly maxNewTokens: number,
@@ -151,7 +150,7 @@ class T5Decoding implements DecodingModel {
   }
 
   async prefill(): Promise<Float32Array> {
-    this.cache = await this.rt.newCache(this.encoderMask.length, 1 + this.maxNewTokens, this.cross);
+    this.cache = await this.rt.t5Cache(this.encoderHidden, 1 + this.maxNewTokens);
     return this.step(this.encoderMask.map(() => this.startToken));
   }
 

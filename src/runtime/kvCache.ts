@@ -3,8 +3,8 @@
  * feeds the whole buffers (ONNX Runtime reads them in place) with a mask telling which slots hold
  * keys, and gets back only the new positions' keys and values, which are written into the next
  * free slots. Nothing of the cache's size is allocated or copied per step. An encoder-decoder's
- * cross-attention keys/values, the same at every step, are kept here too, so that a step does not
- * send them again.
+ * cross-attention keys/values, the same at every step, are kept here too: computed beside the
+ * cache (SessionHost.runIntoCache), they are never sent between threads.
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
@@ -25,11 +25,10 @@ export class KvCache {
   /** Per row and slot: 1 where the slot holds a key to attend to (0 for padding and empty slots). */
   private slotMask: Uint8Array;
 
-  /** @param cross inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`) */
-  constructor(
-    readonly shape: CacheShape,
-    readonly cross: Record<string, ort.Tensor> = {},
-  ) {
+  /** Inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`). */
+  cross: Record<string, ort.Tensor> = {};
+
+  constructor(readonly shape: CacheShape) {
     const { layers, rows, heads, capacity, headDim } = shape;
     const size = rows * heads * capacity * headDim;
     for (let i = 0; i < layers; i++) {

@@ -4,7 +4,7 @@ import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import type { Tensors } from "./blip2Runtime.js";
-import { SessionCache, tensor, visionSessionOptions, type RuntimeOptions } from "./session.js";
+import { runImages, SessionCache, tensor, visionSessionOptions, type RuntimeOptions } from "./session.js";
 
 export class RetrievalRuntime {
   private readonly sessions: SessionCache;
@@ -22,9 +22,8 @@ export class RetrievalRuntime {
 
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
-    const size = this.checkpoint.config.vision.imageSize;
     const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), visionSessionOptions(this.checkpoint.dtypes.vision));
-    return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
+    return runImages(s, pixelValues, batch, this.checkpoint.config.vision.imageSize, this.options.device ?? "cpu");
   }
 
   /** Padded token ids -> `text_embeds` [T, E] (normalized). */

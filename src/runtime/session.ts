@@ -43,7 +43,8 @@ interface Host {
   create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void>;
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
   release(id: number): Promise<void>;
-  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>): Promise<void>;
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number): Promise<void>;
+  newCache(id: number, shape: CacheShape): Promise<void>;
   reorderCache(id: number, index: number[]): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
@@ -59,8 +60,11 @@ class LocalHost implements Host {
   release(id: number) {
     return this.host.release(id);
   }
-  async newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>) {
-    this.host.newCache(id, shape, cross);
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
+    return this.host.runIntoCache(id, feeds, cache);
+  }
+  async newCache(id: number, shape: CacheShape) {
+    this.host.newCache(id, shape);
   }
   async reorderCache(id: number, index: number[]) {
     this.host.reorderCache(id, index);
@@ -115,8 +119,11 @@ class WorkerHost implements Host {
   release(id: number) {
     return this.call<void>({ op: "release", id });
   }
-  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor>) {
-    return this.call<void>({ op: "newCache", id, shape, cross: toWire(cross) });
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
+    return this.call<void>({ op: "runIntoCache", id, feeds: toWire(feeds), cache });
+  }
+  newCache(id: number, shape: CacheShape) {
+    return this.call<void>({ op: "newCache", id, shape });
   }
   reorderCache(id: number, index: number[]) {
     return this.call<void>({ op: "reorderCache", id, index });
@@ -173,17 +180,30 @@ export class CompiledGraph {
 
   /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
   run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][] }): Promise<Record<string, ort.Tensor>> {
-    if (step && step.cache.host !== this.host) throw new Blip2Error("internal: cache and session live in different hosts");
+    if (step) this.checkHost(step.cache);
     const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask });
     if (step) step.cache.length += step.mask[0]!.length;
     return run;
   }
 
-  /** A key/value cache beside this session (see runtime/kvCache.ts), with the cross-attention inputs its steps feed. */
-  async newCache(shape: CacheShape, cross: Record<string, ort.Tensor> = {}): Promise<CacheHandle> {
+  /**
+   * Runs the session and keeps its outputs beside `cache`, fed to each of its steps (T5's
+   * cross-attention keys/values: 60 MB for 4 rows of Flan-T5-XL, never sent between threads).
+   */
+  runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle): Promise<void> {
+    this.checkHost(cache);
+    return this.host.runIntoCache(this.id, feeds, cache.id);
+  }
+
+  /** A key/value cache beside this session (see runtime/kvCache.ts). */
+  async newCache(shape: CacheShape): Promise<CacheHandle> {
     const id = ++nextId;
-    await this.host.newCache(id, shape, cross);
+    await this.host.newCache(id, shape);
     return new CacheHandle(this.host, id, shape.capacity);
+  }
+
+  private checkHost(cache: CacheHandle): void {
+    if (cache.host !== this.host) throw new Blip2Error("internal: cache and session live in different hosts");
   }
 
   release(): Promise<void> {
@@ -270,6 +290,32 @@ export const tensor = {
  * private memory grew instead, so those keep it.
  */
 export const visionSessionOptions = (visionDType: WeightDType): Pick<RuntimeOptions, "arena"> => ({ arena: !isQuantized(visionDType) });
+
+/**
+ * Runs a graph from `pixel_values` [B, 3, size, size] whose outputs are all [B, ...]. On the CPU
+ * the images go through one at a time: the vision encoder is compute-bound (257 tokens per image),
+ * so a batch is no faster per image, while its activations take B times the memory.
+ */
+export async function runImages(s: CompiledGraph, pixelValues: Float32Array, batch: number, size: number, device: Device): Promise<Record<string, ort.Tensor>> {
+  const expected = batch * 3 * size * size;
+  if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
+  if (device !== "cpu" || batch === 1) return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
+  const per = 3 * size * size;
+  const parts = [];
+  for (let b = 0; b < batch; b++) parts.push(await s.run({ pixel_values: tensor.f32(pixelValues.subarray(b * per, (b + 1) * per), [1, 3, size, size]) }));
+  return concatRows(parts);
+}
+
+/** Per name, the outputs' rows one after the other ([1, ...] each -> [n, ...]). */
+function concatRows(parts: Record<string, ort.Tensor>[]): Record<string, ort.Tensor> {
+  const out: Record<string, ort.Tensor> = {};
+  for (const [name, first] of Object.entries(parts[0]!)) {
+    const data = new Float32Array(first.size * parts.length);
+    parts.forEach((p, i) => data.set(p[name]!.data as Float32Array, i * first.size));
+    out[name] = tensor.f32(data, [parts.length, ...first.dims.slice(1)]);
+  }
+  return out;
+}
 
 /** Sessions by name, each created from its graph on first use. */
 export class SessionCache {

@@ -28,20 +28,19 @@ export class SessionHost {
   }
 
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
-    const { name, session } = this.session(id);
     const cache = step ? this.cache(step.cache) : null;
-    const all = cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors, ...cache.cross } : feeds;
-    let outputs: Record<string, ort.Tensor>;
-    try {
-      outputs = (await session.run(all)) as Record<string, ort.Tensor>;
-    } catch (err) {
-      throw new Blip2Error(`${name}: ${describeError(err)}`);
-    }
+    const outputs = await this.runSession(id, cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors, ...cache.cross } : feeds);
     if (cache) {
       if (cache.capacity) cache.append(outputs, step!.mask);
       for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
     }
     return outputs;
+  }
+
+  /** Runs a session whose outputs stay here as the cache's per-step inputs (T5's cross-attention keys/values). */
+  async runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cacheId: number): Promise<void> {
+    const cache = this.cache(cacheId);
+    cache.cross = await this.runSession(id, feeds);
   }
 
   async release(id: number): Promise<void> {
@@ -50,9 +49,8 @@ export class SessionHost {
     await s?.session.release();
   }
 
-  /** A cache for `shape`; `cross` is fed unchanged with every step that uses it. */
-  newCache(id: number, shape: CacheShape, cross: Record<string, ort.Tensor> = {}): void {
-    this.caches.set(id, new KvCache(shape, cross));
+  newCache(id: number, shape: CacheShape): void {
+    this.caches.set(id, new KvCache(shape));
   }
 
   reorderCache(id: number, index: number[]): void {
@@ -61,6 +59,15 @@ export class SessionHost {
 
   dropCache(id: number): void {
     this.caches.delete(id);
+  }
+
+  private async runSession(id: number, feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
+    const { name, session } = this.session(id);
+    try {
+      return (await session.run(feeds)) as Record<string, ort.Tensor>;
+    } catch (err) {
+      throw new Blip2Error(`${name}: ${describeError(err)}`);
+    }
   }
 
   private session(id: number) {

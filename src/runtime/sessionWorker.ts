@@ -21,11 +21,14 @@ parentPort!.on("message", async (m) => {
         transfer = buffersOf(out);
         break;
       }
+      case "runIntoCache":
+        await host.runIntoCache(m.id, fromWire(m.feeds), m.cache);
+        break;
       case "release":
         await host.release(m.id);
         break;
       case "newCache":
-        host.newCache(m.id, m.shape, fromWire(m.cross));
+        host.newCache(m.id, m.shape);
         break;
       case "reorderCache":
         host.reorderCache(m.id, m.index);

@@ -79,11 +79,10 @@ async function logits(rt: Blip2Runtime, inputIds: number[][], attentionMask: num
     return (await rt.optDecode(embeds, mask, await rt.newCache(1, 0))).logits!;
   }
   const encoder = await rt.t5Encode(embeds, mask);
-  const cross = await rt.t5Cross(encoder.last_hidden_state!);
   const ids = decoderIds ?? [text.decoderStartTokenId];
   const bad = ids.find((i) => i >= text.vocabSize);
   if (bad !== undefined) throw new UsageError(`dump: decoder input id ${bad} is outside the vocabulary (size ${text.vocabSize})`);
-  return (await rt.t5Decode([ids], mask, await rt.newCache(1, 0, cross))).logits!;
+  return (await rt.t5Decode([ids], mask, await rt.t5Cache(encoder.last_hidden_state!, 0))).logits!;
 }
 
 function parseIds(text: string | undefined): number[] | null {
