@@ -41,34 +41,53 @@ export class KvCache {
     return this.shape.capacity;
   }
 
-  /** The attention mask for a step: every slot, then the new positions' own mask. */
-  stepMask(newMask: number[][]): ort.Tensor {
-    const { rows, capacity } = this.shape;
-    const width = newMask[0]!.length;
-    if (newMask.length !== rows) throw new Blip2Error(`internal: mask for ${newMask.length} rows, cache has ${rows}`);
-    const out = new BigInt64Array(rows * (capacity + width));
-    for (let r = 0; r < rows; r++) {
-      const at = r * (capacity + width);
-      for (let s = 0; s < capacity; s++) out[at + s] = BigInt(this.slotMask[r * capacity + s]!);
-      newMask[r]!.forEach((m, j) => (out[at + capacity + j] = BigInt(m)));
-    }
-    return new ort.Tensor("int64", out, [rows, capacity + width]);
+  /**
+   * A step's inputs from the cache for rows `first`..`first + count` (the whole cache by default):
+   * every slot's keys/values (views, not copies), the cross-attention inputs, and the attention
+   * mask (every slot, then the new positions' own `newMask`).
+   */
+  inputs(newMask: number[][], first = 0): Record<string, ort.Tensor> {
+    const count = newMask.length;
+    if (first + count > this.shape.rows) throw new Blip2Error(`internal: rows ${first}..${first + count} of a cache of ${this.shape.rows}`);
+    const whole = first === 0 && count === this.shape.rows;
+    const rowsOf = (t: ort.Tensor) => (whole ? t : rowView(t, first, count));
+    const out: Record<string, ort.Tensor> = { attention_mask: this.stepMask(newMask, first) };
+    for (const [name, t] of Object.entries({ ...this.tensors, ...this.cross })) out[name] = rowsOf(t);
+    return out;
   }
 
-  /** Writes a step's new keys/values (`new.{i}.key`, [rows, heads, S, headDim]) into the next slots. */
-  append(outputs: Record<string, ort.Tensor>, newMask: number[][]): void {
+  private stepMask(newMask: number[][], first: number): ort.Tensor {
+    const { capacity } = this.shape;
+    const width = newMask[0]!.length;
+    const out = new BigInt64Array(newMask.length * (capacity + width));
+    newMask.forEach((row, i) => {
+      const at = i * (capacity + width);
+      for (let s = 0; s < capacity; s++) out[at + s] = BigInt(this.slotMask[(first + i) * capacity + s]!);
+      row.forEach((m, j) => (out[at + capacity + j] = BigInt(m)));
+    });
+    return new ort.Tensor("int64", out, [newMask.length, capacity + width]);
+  }
+
+  /**
+   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, heads, S, headDim])
+   * into the next free slots; `advance` then counts them as filled, once every row is written.
+   */
+  write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
     const steps = newMask[0]!.length;
-    const { rows, heads, capacity, headDim } = this.shape;
+    const { heads, capacity, headDim } = this.shape;
     if (this.length + steps > capacity) throw new Blip2Error(`internal: key/value cache of ${capacity} positions is full`);
     for (const [name, t] of Object.entries(this.tensors)) {
       const src = outputs[`new.${name.slice(5)}`]?.data as Float32Array | undefined;
       if (!src) throw new Blip2Error(`internal: the decoder did not return new.${name.slice(5)}`);
       const dst = t.data as Float32Array;
-      for (let rh = 0; rh < rows * heads; rh++) {
-        dst.set(src.subarray(rh * steps * headDim, (rh + 1) * steps * headDim), (rh * capacity + this.length) * headDim);
+      for (let rh = 0; rh < newMask.length * heads; rh++) {
+        dst.set(src.subarray(rh * steps * headDim, (rh + 1) * steps * headDim), ((first * heads + rh) * capacity + this.length) * headDim);
       }
     }
-    for (let r = 0; r < rows; r++) newMask[r]!.forEach((m, j) => (this.slotMask[r * capacity + this.length + j] = m));
+    newMask.forEach((row, i) => row.forEach((m, j) => (this.slotMask[(first + i) * capacity + this.length + j] = m)));
+  }
+
+  advance(steps: number): void {
     this.length += steps;
   }
 
@@ -85,4 +104,11 @@ export class KvCache {
     const masks = this.slotMask.slice();
     index.forEach((from, to) => this.slotMask.set(masks.subarray(from * capacity, (from + 1) * capacity), to * capacity));
   }
+}
+
+/** Rows `first`..`first + count` of a [rows, ...] tensor, sharing its memory. */
+export function rowView(t: ort.Tensor, first: number, count: number): ort.Tensor {
+  const [rows, ...rest] = t.dims as number[];
+  const size = t.size / rows!;
+  return new ort.Tensor(t.type, (t.data as Float32Array).subarray(first * size, (first + count) * size), [count, ...rest]);
 }

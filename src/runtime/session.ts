@@ -16,7 +16,7 @@ import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import type { CacheShape } from "./kvCache.js";
-import { fromWire, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
+import { concatRows, fromWire, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
 
@@ -179,9 +179,9 @@ export class CompiledGraph {
   }
 
   /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
-  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][] }): Promise<Record<string, ort.Tensor>> {
+  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][]; byRow?: string[] }): Promise<Record<string, ort.Tensor>> {
     if (step) this.checkHost(step.cache);
-    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask });
+    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask, byRow: step.byRow });
     if (step) step.cache.length += step.mask[0]!.length;
     return run;
   }
@@ -304,17 +304,6 @@ export async function runImages(s: CompiledGraph, pixelValues: Float32Array, bat
   const parts = [];
   for (let b = 0; b < batch; b++) parts.push(await s.run({ pixel_values: tensor.f32(pixelValues.subarray(b * per, (b + 1) * per), [1, 3, size, size]) }));
   return concatRows(parts);
-}
-
-/** Per name, the outputs' rows one after the other ([1, ...] each -> [n, ...]). */
-function concatRows(parts: Record<string, ort.Tensor>[]): Record<string, ort.Tensor> {
-  const out: Record<string, ort.Tensor> = {};
-  for (const [name, first] of Object.entries(parts[0]!)) {
-    const data = new Float32Array(first.size * parts.length);
-    parts.forEach((p, i) => data.set(p[name]!.data as Float32Array, i * first.size));
-    out[name] = tensor.f32(data, [parts.length, ...first.dims.slice(1)]);
-  }
-  return out;
 }
 
 /** Sessions by name, each created from its graph on first use. */

@@ -6,12 +6,17 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { KvCache, type CacheShape } from "./kvCache.js";
+import { KvCache, rowView, type CacheShape } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
   cache: number;
   mask: number[][];
+  /**
+   * Run one row at a time, these feeds split by row (the others shared); the outputs are joined
+   * again. For prompts: ONNX Runtime's arena keeps a run's largest outputs, the new keys/values.
+   */
+  byRow?: string[];
 }
 
 /** The operations a host offers; ids are chosen by the caller. */
@@ -28,12 +33,24 @@ export class SessionHost {
   }
 
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
-    const cache = step ? this.cache(step.cache) : null;
-    const outputs = await this.runSession(id, cache ? { ...feeds, attention_mask: cache.stepMask(step!.mask), ...cache.tensors, ...cache.cross } : feeds);
-    if (cache) {
-      if (cache.capacity) cache.append(outputs, step!.mask);
+    if (!step) return this.runSession(id, feeds);
+    const cache = this.cache(step.cache);
+    const { mask, byRow } = step;
+    const runRows = async (first: number, count: number) => {
+      const rowFeeds = byRow ? Object.fromEntries(byRow.map((name) => [name, rowView(feeds[name]!, first, count)])) : {};
+      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds, ...cache.inputs(mask.slice(first, first + count), first) });
+      if (cache.capacity) cache.write(outputs, mask.slice(first, first + count), first);
       for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
+      return outputs;
+    };
+    let outputs: Record<string, ort.Tensor>;
+    if (!byRow || mask.length === 1) outputs = await runRows(0, mask.length);
+    else {
+      const parts = [];
+      for (let r = 0; r < mask.length; r++) parts.push(await runRows(r, 1));
+      outputs = concatRows(parts);
     }
+    if (cache.capacity) cache.advance(mask[0]!.length);
     return outputs;
   }
 
@@ -81,6 +98,17 @@ export class SessionHost {
     if (!c) throw new Blip2Error(`internal: no key/value cache ${id}`);
     return c;
   }
+}
+
+/** Per name, the outputs' rows one after the other ([1, ...] each -> [n, ...]). */
+export function concatRows(parts: Record<string, ort.Tensor>[]): Record<string, ort.Tensor> {
+  const out: Record<string, ort.Tensor> = {};
+  for (const [name, first] of Object.entries(parts[0]!)) {
+    const data = new Float32Array(first.size * parts.length);
+    parts.forEach((p, i) => data.set(p[name]!.data as Float32Array, i * first.size));
+    out[name] = new ort.Tensor("float32", data, [parts.length, ...first.dims.slice(1)]);
+  }
+  return out;
 }
 
 /** Tensors as plain objects, for messages between threads. */
