@@ -163,6 +163,43 @@ describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s in lower precision", (nam
   });
 });
 
+describe("quantized OPT prompts run one row at a time", () => {
+  it("give each row the logits, and the cache, it gets alone", async () => {
+    const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
+    const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: "q8", blip2Cache: cache });
+    loaded.push(b);
+    const rt = (b.model as unknown as { runtime: import("../src/runtime/blip2Runtime.js").Blip2Runtime }).runtime;
+    const images = [fixture("image0.png"), fixture("image1.png")];
+    const inputs = await b.processor({ images, text: ref.batch.prompts, paddingSide: "left" });
+    const features = await b.model.imageFeatures(inputs.pixelValues!, 2);
+    const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, features);
+    /** Last-position logits of the prompt, then of one more token (id 5), for `rows`. */
+    const run = async (rows: number[]) => {
+      const width = embeds.dims[1]!;
+      const size = width * embeds.dims[2]!;
+      const data = embeds.data as Float32Array;
+      const part = new ort.Tensor("float32", Float32Array.from(rows.flatMap((r) => Array.from(data.subarray(r * size, (r + 1) * size)))), [rows.length, ...embeds.dims.slice(1)]);
+      const c = await rt.newCache(rows.length, width + 1);
+      const prompt = (await rt.optDecode(part, rows.map((r) => mask[r]!), c, true)).logits!.data as Float32Array;
+      const step = (await rt.optDecode(await rt.embed(rows.map(() => [5])), rows.map(() => [1]), c, true)).logits!.data as Float32Array;
+      await c.drop();
+      return { prompt, step };
+    };
+    const both = await run([0, 1]);
+    const vocab = both.prompt.length / 2;
+    for (const r of [0, 1]) {
+      const alone = await run([r]);
+      expect(maxDiff(both.prompt.subarray(r * vocab, (r + 1) * vocab), alone.prompt)).toBeLessThan(1e-4);
+      expect(maxDiff(both.step.subarray(r * vocab, (r + 1) * vocab), alone.step)).toBeLessThan(1e-4);
+    }
+  });
+});
+
+function maxDiff(a: Float32Array, b: Float32Array): number {
+  expect(a.length).toBe(b.length);
+  return a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i]!)), 0);
+}
+
 describe("conversion", () => {
   it("is written once to the cache and reused", async () => {
     const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: "q8", blip2Cache: cache });

@@ -10,6 +10,7 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph } from "../ir/graph.js";
+import { isQuantized } from "../quantize/dtype.js";
 import { runImages, SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
@@ -137,14 +138,15 @@ export class Blip2Runtime {
   /**
    * OPT over new positions (`mask` is their attention mask) after those in `cache`, which receives
    * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
-   * that generation needs). A prompt of several rows runs one row at a time: it is compute-bound
-   * either way (one 10240x2560 8-bit weight took 4 x 6.9 ms for 4 rows of 38 positions, 33.8 ms
-   * for them together), and ONNX Runtime's arena keeps the largest outputs of a run, the new
-   * keys/values: 100 MB for 4 rows of OPT-2.7B's prompt, a quarter of that one row at a time.
+   * that generation needs). With quantized weights a prompt of several rows runs one row at a
+   * time: ONNX Runtime's arena keeps the largest outputs of a run, the new keys/values (100 MB for
+   * 4 rows of OPT-2.7B's prompt), and one row's are a quarter of that, for a few percent more time
+   * (q8, 4 rows of 46 positions: 2.9-3.05 s against 2.8-2.9 s). Float32 weights are packed again by
+   * every Gemm run, so their rows stay together (5.5 s against 7.0 s).
    */
   async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false): Promise<Tensors> {
     const s = await this.session("opt_decoder");
-    const byRow = embeds.dims[1]! > 1 ? ["inputs_embeds"] : undefined;
+    const byRow = embeds.dims[1]! > 1 && isQuantized(this.checkpoint.dtypes.language) ? ["inputs_embeds"] : undefined;
     return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask, byRow });
   }
 
