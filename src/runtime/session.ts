@@ -16,7 +16,7 @@ import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import type { CacheShape } from "./kvCache.js";
-import { concatRows, fromWire, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
+import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
 
@@ -301,9 +301,7 @@ export async function runImages(s: CompiledGraph, pixelValues: Float32Array, bat
   if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
   if (device !== "cpu" || batch === 1) return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
   const per = 3 * size * size;
-  const parts = [];
-  for (let b = 0; b < batch; b++) parts.push(await s.run({ pixel_values: tensor.f32(pixelValues.subarray(b * per, (b + 1) * per), [1, 3, size, size]) }));
-  return concatRows(parts);
+  return joinRows(batch, (b) => s.run({ pixel_values: tensor.f32(pixelValues.subarray(b * per, (b + 1) * per), [1, 3, size, size]) }));
 }
 
 /** Sessions by name, each created from its graph on first use. */

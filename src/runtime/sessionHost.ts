@@ -37,19 +37,12 @@ export class SessionHost {
     const cache = this.cache(step.cache);
     const { mask, byRow } = step;
     const runRows = async (first: number, count: number) => {
-      const rowFeeds = byRow ? Object.fromEntries(byRow.map((name) => [name, rowView(feeds[name]!, first, count)])) : {};
-      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds, ...cache.inputs(mask.slice(first, first + count), first) });
+      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, byRow, first, count), ...cache.inputs(mask.slice(first, first + count), first) });
       if (cache.capacity) cache.write(outputs, mask.slice(first, first + count), first);
       for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
       return outputs;
     };
-    let outputs: Record<string, ort.Tensor>;
-    if (!byRow || mask.length === 1) outputs = await runRows(0, mask.length);
-    else {
-      const parts = [];
-      for (let r = 0; r < mask.length; r++) parts.push(await runRows(r, 1));
-      outputs = concatRows(parts);
-    }
+    const outputs = byRow && mask.length > 1 ? await joinRows(mask.length, (r) => runRows(r, 1)) : await runRows(0, mask.length);
     if (cache.capacity) cache.advance(mask[0]!.length);
     return outputs;
   }
@@ -100,13 +93,22 @@ export class SessionHost {
   }
 }
 
-/** Per name, the outputs' rows one after the other ([1, ...] each -> [n, ...]). */
-export function concatRows(parts: Record<string, ort.Tensor>[]): Record<string, ort.Tensor> {
+/** Rows `first`..`first + count` of the feeds named in `byRow` (views). */
+function rowFeeds(feeds: Record<string, ort.Tensor>, byRow: string[] | undefined, first: number, count: number): Record<string, ort.Tensor> {
+  return Object.fromEntries((byRow ?? []).map((name) => [name, rowView(feeds[name]!, first, count)]));
+}
+
+/**
+ * Runs `runRow` for each of `rows` rows and joins its float outputs ([1, ...] each) by name into
+ * [rows, ...]; a row's outputs are let go as soon as they are copied.
+ */
+export async function joinRows(rows: number, runRow: (row: number) => Promise<Record<string, ort.Tensor>>): Promise<Record<string, ort.Tensor>> {
   const out: Record<string, ort.Tensor> = {};
-  for (const [name, first] of Object.entries(parts[0]!)) {
-    const data = new Float32Array(first.size * parts.length);
-    parts.forEach((p, i) => data.set(p[name]!.data as Float32Array, i * first.size));
-    out[name] = new ort.Tensor("float32", data, [parts.length, ...first.dims.slice(1)]);
+  for (let r = 0; r < rows; r++) {
+    for (const [name, t] of Object.entries(await runRow(r))) {
+      out[name] ??= new ort.Tensor("float32", new Float32Array(t.size * rows), [rows, ...t.dims.slice(1)]);
+      (out[name].data as Float32Array).set(t.data as Float32Array, r * t.size);
+    }
   }
   return out;
 }
