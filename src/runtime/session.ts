@@ -15,7 +15,7 @@ import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { isQuantized, type WeightDType } from "../quantize/dtype.js";
-import type { CacheShape } from "./kvCache.js";
+import { rowView, type CacheShape } from "./kvCache.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export type Device = "cpu" | "webgpu" | "cuda";
@@ -299,9 +299,9 @@ export const visionSessionOptions = (visionDType: WeightDType): Pick<RuntimeOpti
 export async function runImages(s: CompiledGraph, pixelValues: Float32Array, batch: number, size: number, device: Device): Promise<Record<string, ort.Tensor>> {
   const expected = batch * 3 * size * size;
   if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
-  if (device !== "cpu" || batch === 1) return s.run({ pixel_values: tensor.f32(pixelValues, [batch, 3, size, size]) });
-  const per = 3 * size * size;
-  return joinRows(batch, (b) => s.run({ pixel_values: tensor.f32(pixelValues.subarray(b * per, (b + 1) * per), [1, 3, size, size]) }));
+  const pixels = tensor.f32(pixelValues, [batch, 3, size, size]);
+  if (device !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
+  return joinRows(batch, (b) => s.run({ pixel_values: rowView(pixels, b, 1) }));
 }
 
 /** Sessions by name, each created from its graph on first use. */

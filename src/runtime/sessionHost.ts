@@ -37,8 +37,9 @@ export class SessionHost {
     const cache = this.cache(step.cache);
     const { mask, byRow } = step;
     const runRows = async (first: number, count: number) => {
-      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, byRow, first, count), ...cache.inputs(mask.slice(first, first + count), first) });
-      if (cache.capacity) cache.write(outputs, mask.slice(first, first + count), first);
+      const rowMask = mask.slice(first, first + count);
+      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, byRow, first, count), ...cache.inputs(rowMask, first) });
+      if (cache.capacity) cache.write(outputs, rowMask, first);
       for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
       return outputs;
     };
