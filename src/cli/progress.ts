@@ -15,7 +15,7 @@ function bar(fraction: number): string {
   return `[${"=".repeat(filled)}${" ".repeat(BAR - filled)}]`;
 }
 
-function bytes(n: number): string {
+export function formatBytes(n: number): string {
   const units = ["B", "kB", "MB", "GB", "TB"];
   let u = 0;
   while (n >= 1000 && u < units.length - 1) {
@@ -39,7 +39,7 @@ export function progressSink(stream: NodeJS.WritableStream & { isTTY?: boolean }
   };
   return {
     download: (p) => {
-      draw(`${p.file.slice(-32).padEnd(32)} ${bar(p.total ? p.loaded / p.total : 0)} ${bytes(p.loaded)} / ${bytes(p.total)}`);
+      draw(`${p.file.slice(-32).padEnd(32)} ${bar(p.total ? p.loaded / p.total : 0)} ${formatBytes(p.loaded)} / ${formatBytes(p.total)}`);
       if (p.done) clear();
     },
     items: (label, done, total) => {

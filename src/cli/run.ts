@@ -2,6 +2,7 @@
 import { Blip2Error, describeError } from "../errors.js";
 import { parse, UsageError, type Command, type Io } from "./command.js";
 import { ask } from "./commands/ask.js";
+import { cache } from "./commands/cache.js";
 import { caption } from "./commands/caption.js";
 import { chat } from "./commands/chat.js";
 import { dump } from "./commands/dump.js";
@@ -10,7 +11,7 @@ import { match } from "./commands/match.js";
 import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, dump];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

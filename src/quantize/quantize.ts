@@ -15,6 +15,7 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
+import { formatFolder, recordSource, removeAbandonedFiles, weightCacheRoot } from "./weightCache.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
 /**
@@ -111,7 +112,7 @@ export async function withDTypes(ckpt: Checkpoint, dtypes: PartDTypes, options: 
   const extra = new Map<string, TensorInfo>();
   const parts = MODEL_PARTS.filter((p) => dtypes[p] !== "fp32");
   // The format version is part of the path: a change of scheme never meets an older file.
-  const folder = parts.length ? path.join(blip2CacheDir(options.cacheDir), "weights", ckpt.fingerprint(), WEIGHTS_FORMAT.replace("/", "-")) : "";
+  const folder = parts.length ? path.join(weightCacheRoot(blip2CacheDir(options.cacheDir)), ckpt.fingerprint(), formatFolder(WEIGHTS_FORMAT)) : "";
   let weights: LinearWeights | null = null;
   for (const part of parts) {
     const dtype = dtypes[part] as Exclude<WeightDType, "fp32">;
@@ -121,30 +122,11 @@ export async function withDTypes(ckpt: Checkpoint, dtypes: PartDTypes, options: 
       removeAbandonedFiles(folder);
       weights ??= linearWeights(ckpt);
       await writeVariants(file, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
+      recordSource(folder, ckpt.dir);
     }
     for (const [name, info] of readSafetensorsHeader(file).tensors) extra.set(name, info);
   }
   return ckpt.withWeights(extra, dtypes);
-}
-
-/**
- * Partial files left by conversions that were killed (a `.tmp-<pid>` whose process is gone): each
- * can be gigabytes. Files of a conversion still running in another process are left alone.
- */
-function removeAbandonedFiles(folder: string): void {
-  for (const f of fs.readdirSync(folder)) {
-    const pid = Number(/\.tmp-(\d+)$/.exec(f)?.[1]);
-    if (pid && !processAlive(pid)) fs.rmSync(path.join(folder, f), { force: true });
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 /** Converts `names` to `dtype` into a safetensors file, on worker threads, a few weights in memory at a time. */
