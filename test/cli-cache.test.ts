@@ -64,6 +64,8 @@ describe("blip2 cache", () => {
 
   it("--remove takes one checkpoint's conversions by id or unambiguous prefix", async () => {
     put(path.join(weights, "ffff0000aaaa", "blip2-weights-2", "vision-q8.safetensors"), 10);
+    fs.writeFileSync(path.join(weights, "ffff0000aaaa", "blip2-weights-2", "source.json"), JSON.stringify({ checkpoint: "/no/such/blip2-model" }));
+    expect((await cli("cache", "--cache-dir", root)).stdout).toContain("ffff0000aaaa  blip2-weights/2      10 B  vision-q8  from /no/such/blip2-model (no longer there)\n");
     put(path.join(weights, "ffff1111bbbb", "blip2-weights-2", "vision-q8.safetensors"), 10);
     const ambiguous = await cli("cache", "--remove", "ffff", "--cache-dir", root);
     expect(ambiguous.code).toBe(1);

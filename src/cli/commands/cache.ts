@@ -1,4 +1,5 @@
 /** `blip2 cache`: list the converted weights kept in the blip2 cache, and remove what is no longer wanted. */
+import fs from "node:fs";
 import { blip2CacheDir } from "../../quantize/quantize.js";
 import { listWeightCaches, pruneWeightCaches, removeWeightCache, weightCacheRoot, type Removed, type WeightCacheEntry } from "../../quantize/weightCache.js";
 import { stringOption, UsageError, type Command, type Io } from "../command.js";
@@ -44,7 +45,7 @@ function printList(dir: string, entries: WeightCacheEntry[], json: boolean, io: 
     const what = e.age === "older" ? "older format, not read by this version (--prune removes it)"
       : e.age === "newer" ? "newer format, written by a later version of blip2"
       : e.files.map((f) => f.name.replace(/\.safetensors$/, "")).join(", ");
-    const source = e.source && e.age === "current" ? `  from ${e.source}` : "";
+    const source = e.source && e.age === "current" ? `  from ${e.source}${fs.existsSync(e.source) ? "" : " (no longer there)"}` : "";
     io.stdout.write(`${e.fingerprint.slice(0, ID_LENGTH)}  ${e.format}  ${formatBytes(e.bytes).padStart(8)}  ${what}${source}\n`);
   }
   const total = entries.reduce((s, e) => s + e.bytes, 0);
