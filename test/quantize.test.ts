@@ -23,7 +23,13 @@ function random(n: number, seed: number): Float32Array {
 }
 
 describe("block quantization", () => {
-  it.each([[8, 128], [4, 32], [4, 16]] as const)("%i-bit blocks of %i: MatMulNBits multiplies by exactly the dequantized matrix", async (bits, block) => {
+  it("blocks are 256 values long, or the largest power of two dividing a shorter row", async () => {
+    const { blockSizeFor } = await import("../src/quantize/quantize.js");
+    // OPT-2.7B's 2560 and 10240, ViT-g's 1408 and 6144, a tiny fixture's 32.
+    expect([2560, 10240, 1408, 6144, 32, 48].map(blockSizeFor)).toEqual([256, 256, 128, 256, 32, 16]);
+  });
+
+  it.each([[8, 256], [8, 128], [4, 256], [4, 32], [4, 16]] as const)("%i-bit blocks of %i: MatMulNBits multiplies by exactly the dequantized matrix", async (bits, block) => {
     const n = 48;
     const k = 256;
     const w = random(n * k, 7);

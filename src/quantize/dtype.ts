@@ -12,7 +12,8 @@ export const MODEL_PARTS: readonly ModelPart[] = ["vision", "qformer", "language
 /**
  * The scheme of converted weights (which weights take which precision, the block layout). It names
  * the cache folder and is recorded in `blip2 quantize --out` folders, so a change of scheme never
- * reads files written under another.
+ * reads files written under another. The block size is not part of it: each weight's shape records
+ * its own.
  */
 export const WEIGHTS_FORMAT = "blip2-weights/2";
 
