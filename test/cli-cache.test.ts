@@ -45,6 +45,8 @@ describe("blip2 cache", () => {
   it("--prune removes older formats and killed conversions' partial files, nothing else", async () => {
     const older = path.join(weights, "0123456789abcdef", "blip2-weights-1");
     put(path.join(older, "vision-q8.safetensors"), 500);
+    // An older version still converting into its folder: left until it is done.
+    const stillWritten = put(path.join(weights, "abcdef0123456789", "blip2-weights-1", `vision-q8.safetensors.tmp-${process.pid}`), 50);
     const newer = put(path.join(weights, fingerprint, "blip2-weights-3", "vision-q8.safetensors"), 100);
     const notOurs = put(path.join(weights, fingerprint, "notes", "readme.txt"), 10);
     const dead = put(path.join(current, "language-q4.safetensors.tmp-99999999"), 200);
@@ -56,8 +58,9 @@ describe("blip2 cache", () => {
     expect(r.stdout).toMatch(/freed 3\.7 kB\n$/);
     expect(fs.existsSync(path.dirname(older))).toBe(false);
     expect(fs.existsSync(path.join(weights, fingerprint, "blip2-weights-1"))).toBe(false);
-    for (const kept of [newer, notOurs, running, path.join(current, "language-q8.safetensors")]) expect(fs.existsSync(kept), kept).toBe(true);
+    for (const kept of [newer, notOurs, running, stillWritten, path.join(current, "language-q8.safetensors")]) expect(fs.existsSync(kept), kept).toBe(true);
     fs.rmSync(running);
+    fs.rmSync(path.join(weights, "abcdef0123456789"), { recursive: true });
     fs.rmSync(path.dirname(newer), { recursive: true });
     fs.rmSync(path.dirname(notOurs), { recursive: true });
   });

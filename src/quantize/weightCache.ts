@@ -83,13 +83,14 @@ export interface Removed {
 }
 
 /**
- * Removes what no version of blip2 from this one on reads: folders of older weight formats and
- * the partial files of conversions whose process is gone. Current and newer formats stay.
+ * Removes what no version of blip2 from this one on reads: folders of older weight formats (unless
+ * an older version is still writing into one) and the partial files of conversions whose process
+ * is gone. Current and newer formats stay.
  */
 export function pruneWeightCaches(cacheDir: string): Removed {
   const removed: Removed = { paths: [], bytes: 0 };
   for (const entry of listWeightCaches(cacheDir)) {
-    if (entry.age === "older") removeEntry(entry, removed);
+    if (entry.age === "older" && !entry.files.some((f) => livePartialFile(f.name))) removeEntry(entry, removed);
     else for (const f of removeAbandonedFiles(entry.dir)) add(removed, f.path, f.bytes);
   }
   removeEmptyFingerprints(cacheDir);
