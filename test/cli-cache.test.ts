@@ -3,7 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Blip2 } from "../src/index.js";
+import { Blip2, listWeightCaches } from "../src/index.js";
 import { Checkpoint } from "../src/io/checkpoint.js";
 import { cli, fixture } from "./helpers.js";
 
@@ -40,6 +40,8 @@ describe("blip2 cache", () => {
     const json = JSON.parse((await cli("cache", "--cache-dir", root, "--json")).stdout);
     const sizes = fs.readdirSync(current).filter((f) => f.endsWith(".safetensors")).reduce((s, f) => s + fs.statSync(path.join(current, f)).size, 0);
     expect(json.entries.map((e: { format: string; age: string; bytes: number }) => [e.format, e.age, e.bytes])).toEqual([["blip2-weights/1", "older", 3000], ["blip2-weights/2", "current", sizes]]);
+    // The library function the command prints.
+    expect(listWeightCaches(root)).toEqual(json.entries);
   });
 
   it("--prune removes older formats and killed conversions' partial files, nothing else", async () => {

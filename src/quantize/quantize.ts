@@ -5,7 +5,6 @@
  * change (the graphs' Gemm weights); embeddings, norms and biases stay as they are.
  */
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
@@ -15,7 +14,7 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
-import { formatFolder, recordSource, removeAbandonedFiles, weightCacheRoot } from "./weightCache.js";
+import { blip2CacheDir, formatFolder, recordSource, removeAbandonedFiles, weightCacheRoot } from "./weightCache.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
 /**
@@ -42,10 +41,6 @@ export interface QuantizeOptions {
   /** Root of the blip2 cache (default $BLIP2_CACHE, else ~/.cache/blip2). */
   cacheDir?: string;
   progress?: (p: QuantizeProgress) => void;
-}
-
-export function blip2CacheDir(override?: string): string {
-  return override ?? process.env.BLIP2_CACHE ?? path.join(os.homedir(), ".cache", "blip2");
 }
 
 /** The graphs a checkpoint runs as, in float32 (to find its linear weights). */

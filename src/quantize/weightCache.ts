@@ -5,6 +5,7 @@
  * killed) or what the user names.
  */
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
 import { WEIGHTS_FORMAT } from "./dtype.js";
@@ -32,13 +33,18 @@ export interface WeightCacheEntry {
   source?: string;
 }
 
+/** The blip2 cache: `override`, else $BLIP2_CACHE, else ~/.cache/blip2. */
+export function blip2CacheDir(override?: string): string {
+  return override ?? process.env.BLIP2_CACHE ?? path.join(os.homedir(), ".cache", "blip2");
+}
+
 export function weightCacheRoot(cacheDir: string): string {
   return path.join(cacheDir, "weights");
 }
 
 /** Every conversion folder under the cache, by fingerprint and format; other names are not ours and are skipped. */
-export function listWeightCaches(cacheDir: string): WeightCacheEntry[] {
-  const root = weightCacheRoot(cacheDir);
+export function listWeightCaches(cacheDir?: string): WeightCacheEntry[] {
+  const root = weightCacheRoot(blip2CacheDir(cacheDir));
   const entries: WeightCacheEntry[] = [];
   for (const fingerprint of subfolders(root)) {
     for (const name of subfolders(path.join(root, fingerprint))) {
@@ -76,7 +82,7 @@ export function recordSource(dir: string, checkpointDir: string): void {
   fs.writeFileSync(path.join(dir, SOURCE_FILE), JSON.stringify({ checkpoint: path.resolve(checkpointDir) }) + "\n");
 }
 
-export interface Removed {
+export interface RemovedFiles {
   /** Folders and files removed. */
   paths: string[];
   bytes: number;
@@ -87,8 +93,8 @@ export interface Removed {
  * an older version is still writing into one) and the partial files of conversions whose process
  * is gone. Current and newer formats stay.
  */
-export function pruneWeightCaches(cacheDir: string): Removed {
-  const removed: Removed = { paths: [], bytes: 0 };
+export function pruneWeightCaches(cacheDir?: string): RemovedFiles {
+  const removed: RemovedFiles = { paths: [], bytes: 0 };
   for (const entry of listWeightCaches(cacheDir)) {
     if (entry.age === "older" && !entry.files.some((f) => livePartialFile(f.name))) removeEntry(entry, removed);
     else for (const f of removeAbandonedFiles(entry.dir)) add(removed, f.path, f.bytes);
@@ -101,32 +107,32 @@ export function pruneWeightCaches(cacheDir: string): Removed {
  * Removes every conversion of one checkpoint, named by its fingerprint or an unambiguous prefix of
  * it (as `blip2 cache` lists them). Refused while a conversion of it is still being written.
  */
-export function removeWeightCache(cacheDir: string, id: string): Removed {
+export function removeWeightCache(id: string, cacheDir?: string): RemovedFiles {
   const all = listWeightCaches(cacheDir);
   const fingerprints = [...new Set(all.map((e) => e.fingerprint))].filter((f) => f.startsWith(id));
-  if (!id || fingerprints.length === 0) throw new Blip2Error(`${weightCacheRoot(cacheDir)}: no converted weights with id ${JSON.stringify(id)} (see blip2 cache)`);
+  if (!id || fingerprints.length === 0) throw new Blip2Error(`${weightCacheRoot(blip2CacheDir(cacheDir))}: no converted weights with id ${JSON.stringify(id)} (see blip2 cache)`);
   if (fingerprints.length > 1) throw new Blip2Error(`id ${JSON.stringify(id)} is ambiguous: it starts ${fingerprints.join(", ")}`);
   const entries = all.filter((e) => e.fingerprint === fingerprints[0]);
   const busy = entries.flatMap((e) => e.files.filter((f) => livePartialFile(f.name)).map((f) => path.join(e.dir, f.name)));
   if (busy.length) throw new Blip2Error(`${busy[0]}: a conversion is still being written by process ${tempPid(busy[0]!)}; remove it when that ends`);
-  const removed: Removed = { paths: [], bytes: 0 };
+  const removed: RemovedFiles = { paths: [], bytes: 0 };
   for (const entry of entries) removeEntry(entry, removed);
   removeEmptyFingerprints(cacheDir);
   return removed;
 }
 
-function removeEntry(entry: WeightCacheEntry, removed: Removed): void {
+function removeEntry(entry: WeightCacheEntry, removed: RemovedFiles): void {
   fs.rmSync(entry.dir, { recursive: true, force: true });
   add(removed, entry.dir, entry.bytes);
 }
 
-function add(removed: Removed, p: string, bytes: number): void {
+function add(removed: RemovedFiles, p: string, bytes: number): void {
   removed.paths.push(p);
   removed.bytes += bytes;
 }
 
-function removeEmptyFingerprints(cacheDir: string): void {
-  const root = weightCacheRoot(cacheDir);
+function removeEmptyFingerprints(cacheDir: string | undefined): void {
+  const root = weightCacheRoot(blip2CacheDir(cacheDir));
   for (const fingerprint of subfolders(root)) {
     const dir = path.join(root, fingerprint);
     if (fs.readdirSync(dir).length === 0) fs.rmdirSync(dir);

@@ -1,7 +1,6 @@
 /** `blip2 cache`: list the converted weights kept in the blip2 cache, and remove what is no longer wanted. */
 import fs from "node:fs";
-import { blip2CacheDir } from "../../quantize/quantize.js";
-import { listWeightCaches, pruneWeightCaches, removeWeightCache, weightCacheRoot, type Removed, type WeightCacheEntry } from "../../quantize/weightCache.js";
+import { blip2CacheDir, listWeightCaches, pruneWeightCaches, removeWeightCache, weightCacheRoot, type RemovedFiles, type WeightCacheEntry } from "../../quantize/weightCache.js";
 import { stringOption, UsageError, type Command, type Io } from "../command.js";
 import { formatBytes } from "../progress.js";
 
@@ -27,7 +26,7 @@ export const cache: Command = {
     const dir = blip2CacheDir(stringOption(args, "cache-dir"));
     const json = args.values.json === true;
     if (args.values.prune || remove !== undefined) {
-      printRemoved(args.values.prune ? pruneWeightCaches(dir) : removeWeightCache(dir, remove!), json, io);
+      printRemoved(args.values.prune ? pruneWeightCaches(dir) : removeWeightCache(remove!, dir), json, io);
     } else {
       printList(dir, listWeightCaches(dir), json, io);
     }
@@ -52,7 +51,7 @@ function printList(dir: string, entries: WeightCacheEntry[], json: boolean, io: 
   io.stdout.write(entries.length ? `total ${formatBytes(total)}\n` : "no converted weights\n");
 }
 
-function printRemoved(removed: Removed, json: boolean, io: Io): void {
+function printRemoved(removed: RemovedFiles, json: boolean, io: Io): void {
   if (json) {
     io.stdout.write(JSON.stringify(removed) + "\n");
     return;
