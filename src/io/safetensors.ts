@@ -5,6 +5,7 @@
  */
 import fs from "node:fs";
 import { Blip2Error } from "../errors.js";
+import { partialFile } from "./partialFile.js";
 
 export type SafeDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
@@ -189,7 +190,7 @@ export function writeSafetensors(file: string, tensors: Record<string, TensorToW
   const headerBuf = Buffer.from(json, "utf8");
   const lenBuf = Buffer.alloc(8);
   lenBuf.writeBigUInt64LE(BigInt(headerBuf.length));
-  const tmp = `${file}.tmp-${process.pid}`;
+  const tmp = partialFile(file);
   const fd = fs.openSync(tmp, "w");
   try {
     fs.writeSync(fd, lenBuf);
@@ -252,7 +253,7 @@ export async function writeSafetensorsStreamed(file: string, tensors: StreamedTe
   }
   let json = JSON.stringify(header);
   json += " ".repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
-  const tmp = `${file}.tmp-${process.pid}`;
+  const tmp = partialFile(file);
   const fd = fs.openSync(tmp, "w");
   try {
     const len = Buffer.alloc(8);

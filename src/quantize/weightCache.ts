@@ -8,6 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
+import { partialFileWriter } from "../io/partialFile.js";
 import { WEIGHTS_FORMAT } from "./dtype.js";
 
 /** A format as a folder name: "blip2-weights/2" is kept in "blip2-weights-2". */
@@ -114,7 +115,7 @@ export function removeWeightCache(id: string, cacheDir?: string): RemovedFiles {
   if (fingerprints.length > 1) throw new Blip2Error(`id ${JSON.stringify(id)} is ambiguous: it starts ${fingerprints.join(", ")}`);
   const entries = all.filter((e) => e.fingerprint === fingerprints[0]);
   const busy = entries.flatMap((e) => e.files.filter((f) => livePartialFile(f.name)).map((f) => path.join(e.dir, f.name)));
-  if (busy.length) throw new Blip2Error(`${busy[0]}: a conversion is still being written by process ${tempPid(busy[0]!)}; remove it when that ends`);
+  if (busy.length) throw new Blip2Error(`${busy[0]}: a conversion is still being written by process ${partialFileWriter(busy[0]!)}; remove it when that ends`);
   const removed: RemovedFiles = { paths: [], bytes: 0 };
   for (const entry of entries) removeEntry(entry, removed);
   removeEmptyFingerprints(cacheDir);
@@ -139,11 +140,8 @@ function removeEmptyFingerprints(cacheDir: string | undefined): void {
   }
 }
 
-/** A conversion's partial file is `<file>.tmp-<pid>`, renamed into place when complete. */
-const tempPid = (file: string) => Number(/\.tmp-(\d+)$/.exec(file)?.[1]);
-
 function livePartialFile(file: string): boolean {
-  const pid = tempPid(file);
+  const pid = partialFileWriter(file);
   return pid > 0 && processAlive(pid);
 }
 
@@ -152,7 +150,7 @@ function livePartialFile(file: string): boolean {
  * gone): each can be gigabytes. Files of a conversion still running in another process stay.
  */
 export function removeAbandonedFiles(folder: string): { path: string; bytes: number }[] {
-  const gone = fs.readdirSync(folder).filter((f) => tempPid(f) > 0 && !livePartialFile(f)).map((f) => path.join(folder, f));
+  const gone = fs.readdirSync(folder).filter((f) => partialFileWriter(f) > 0 && !livePartialFile(f)).map((f) => path.join(folder, f));
   return gone.map((p) => {
     const bytes = fs.statSync(p).size;
     fs.rmSync(p, { force: true });

@@ -9,6 +9,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
+import { partialFile } from "../io/partialFile.js";
 import { Graph } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
 import { CompiledGraph, tensor } from "../runtime/session.js";
@@ -42,7 +43,7 @@ export function readMatrixHeader(file: string): MatrixHeader | null {
 
 /** Writes the matrix from rows given in order (streamed: never all in memory), atomically. */
 export function writeMatrix(file: string, header: MatrixHeader, rows: Iterable<Float32Array>): void {
-  const tmp = `${file}.tmp-${process.pid}`;
+  const tmp = partialFile(file);
   const fd = fs.openSync(tmp, "w");
   try {
     const b = Buffer.alloc(HEADER_BYTES);
