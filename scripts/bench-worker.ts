@@ -7,11 +7,13 @@ import { parseArgs } from "node:util";
 import { Blip2 } from "../src/api/tasks.js";
 import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quantize.js";
 import { readOncePerPrompt, weightDType } from "../src/quantize/dtype.js";
+import type { Device } from "../src/runtime/session.js";
 
-const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" } } });
+const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" }, device: { type: "string" } } });
 const dir = values.dir!;
 const dtype = values.dtype as "fp32" | "q8" | "q4";
 const threads = Number(values.threads);
+const device = (values.device ?? "cpu") as Device;
 const runs = Number(values.runs ?? 3);
 const tokens = Number(values.tokens ?? 20);
 const IMAGE = new URL("../test/fixtures/photo640x427.jpg", import.meta.url).pathname;
@@ -28,7 +30,7 @@ const spread = (xs: number[]) => ({ median: median(xs), min: Math.min(...xs), ma
 const seconds = (ms: number) => ms / 1000;
 
 let t = performance.now();
-const blip2 = await Blip2.load(dir, { dtype, threads });
+const blip2 = await Blip2.load(dir, { dtype, threads, device });
 await blip2.model.prepare();
 const loadS = seconds(performance.now() - t);
 sample();
@@ -123,7 +125,7 @@ else if (values.reference && fs.existsSync(values.reference)) {
 
 const end = status();
 console.log(JSON.stringify({
-  dtype, threads, runs, tokens,
+  dtype, threads, device, runs, tokens,
   loadS,
   vision1: spread(vision1),
   vision4PerImage: spread(vision4),

@@ -6,7 +6,8 @@
  * bandwidth from the memory each dtype's weights are read from, for the decode floor. Prints a
  * table and a JSON line.
  *
- * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20]
+ * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20 --device cpu|webgpu|cuda]
+ * (the bandwidth floor is the CPU's: on another device, read it as the host's figure only)
  */
 import { execFile } from "node:child_process";
 import fs from "node:fs";
@@ -22,12 +23,13 @@ import { attr, Graph } from "../src/ir/graph.js";
 import { CompiledGraph } from "../src/runtime/session.js";
 import { syntheticCheckpoint, type Variant } from "./synthetic-checkpoint.js";
 
-const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" } } });
+const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, device: { type: "string" } } });
 const variant = (values.model ?? "opt-2.7b") as Variant;
 const dtypes = (values.dtypes ?? "fp32,q8,q4").split(",");
 const threadCounts = (values.threads ?? "2,1").split(",").map(Number);
 const runs = values.runs ?? "3";
 const tokens = values.tokens ?? "20";
+const device = values.device ?? "cpu";
 const GB = 1e9;
 
 const dir = syntheticCheckpoint(variant);
@@ -93,10 +95,10 @@ for (const dtype of dtypes) {
   // One untimed load first: the first process to allocate gigabytes after the page cache filled
   // the memory pays for the kernel's reclaim, which is not the model's load time.
   warm(tensors);
-  await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only"], { maxBuffer: 1 << 24 });
+  await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device], { maxBuffer: 1 << 24 });
   for (const threads of threadCounts) {
     warm(tensors);
-    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference], { maxBuffer: 1 << 24 });
+    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device], { maxBuffer: 1 << 24 });
     const r = JSON.parse(stdout.trim().split("\n").at(-1)!);
     results.push(r);
     console.error(`done: ${dtype}, ${threads} thread(s)`);
@@ -106,7 +108,7 @@ for (const dtype of dtypes) {
 const PYTORCH = { vision1: 5.75, ttft: [7.9, 9.3], perToken: [1.27, 1.39], total: [32, 36], peakRss: 14.9 * 2 ** 30 };
 const f = (x: number, d = 2) => x.toFixed(d);
 const cell = (s: { median: number; min: number; max: number }) => `${f(s.median)} (${f(s.min)}-${f(s.max)})`;
-const columns = results.map((r: any) => `${r.dtype} ${r.threads}t`);
+const columns = results.map((r: any) => `${r.dtype} ${r.threads}t${r.device === "cpu" ? "" : ` ${r.device}`}`);
 const row = (label: string, get: (r: any) => string) => [label, ...results.map(get)];
 const table = [
   ["", ...columns],
@@ -132,4 +134,4 @@ const probed = Object.entries(bandwidthGBs).filter(([, byThreads]) => Object.key
 const bandwidthLine = probed.map(([memory, byThreads]) => `${memory} ${threadCounts.map((t) => `${f(byThreads[t]!, 1)} GB/s at ${t}t`).join(", ")}`).join("; ");
 console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); read bandwidth ${bandwidthLine}; medians of ${runs} runs (min-max)`);
 for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
-console.log(JSON.stringify({ bench: "blip2", model: variant, cores: os.cpus().length, bandwidthGBs, pytorch: PYTORCH, results }));
+console.log(JSON.stringify({ bench: "blip2", model: variant, device, cores: os.cpus().length, bandwidthGBs, pytorch: PYTORCH, results }));
