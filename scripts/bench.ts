@@ -133,5 +133,6 @@ const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length
 const probed = Object.entries(bandwidthGBs).filter(([, byThreads]) => Object.keys(byThreads).length);
 const bandwidthLine = probed.map(([memory, byThreads]) => `${memory} ${threadCounts.map((t) => `${f(byThreads[t]!, 1)} GB/s at ${t}t`).join(", ")}`).join("; ");
 console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); read bandwidth ${bandwidthLine}; medians of ${runs} runs (min-max)`);
+if (results.some((r: any) => r.device !== device)) console.log(`${device} was not available here: these figures are the CPU's`);
 for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
 console.log(JSON.stringify({ bench: "blip2", model: variant, device, cores: os.cpus().length, bandwidthGBs, pytorch: PYTORCH, results }));

@@ -101,6 +101,24 @@ describe("devices", () => {
       }
     }
   });
+
+  it.skipIf(!gpu)("webgpu: the tiny ITM model's ITC and ITM scores within 1e-3 of transformers", async () => {
+    const { loadReference, expectClose } = await import("./helpers.js");
+    const { Checkpoint } = await import("../src/io/checkpoint.js");
+    const { itcSimilarity, RetrievalRuntime } = await import("../src/runtime/retrievalRuntime.js");
+    const ref = loadReference(fixture("tiny-blip2-itm", "reference.safetensors"));
+    const meta = JSON.parse(fs.readFileSync(fixture("tiny-blip2-itm", "reference.json"), "utf8"));
+    const rt = new RetrievalRuntime(Checkpoint.open(fixture("tiny-blip2-itm")), { device: "webgpu" });
+    loaded.push({ dispose: () => rt.release() });
+    const close = (name: string, t: ort.Tensor) => expectClose(name, { shape: t.dims, data: t.data as Float32Array }, ref.get(name)!, 1e-3);
+    const images = await rt.images(ref.get("pixel_values")!.data, 2);
+    const texts = await rt.texts(meta.input_ids, meta.attention_mask);
+    close("itc.image_embeds", images.image_embeds!);
+    close("itc.text_embeds", texts.text_embeds!);
+    expectClose("itc.logits_per_image", { shape: [2, 2], data: itcSimilarity(images.image_embeds!, texts.text_embeds!) }, ref.get("itc.logits_per_image")!, 1e-3);
+    const itm = await rt.itm(images.vision_last_hidden_state!, meta.input_ids, meta.attention_mask);
+    expectClose("itm.logits_per_image", { shape: itm.itm_logits!.dims, data: itm.itm_logits!.data as Float32Array }, ref.get("itm.logits_per_image")!, 1e-3);
+  });
 });
 
 describe("garbage collection in the inference worker", () => {

@@ -233,7 +233,7 @@ export class CacheHandle {
 const devices = new Map<Device, Promise<Device>>();
 
 /** The device if ONNX Runtime can use it here, else the CPU (said once). */
-function usableDevice(device: Device): Promise<Device> {
+export function usableDevice(device: Device): Promise<Device> {
   if (device === "cpu") return Promise.resolve("cpu");
   let probe = devices.get(device);
   if (!probe) {
