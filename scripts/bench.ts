@@ -30,6 +30,10 @@ const threadCounts = (values.threads ?? "2,1").split(",").map(Number);
 const runs = values.runs ?? "3";
 const tokens = values.tokens ?? "20";
 const device = values.device ?? "cpu";
+if (!["cpu", "webgpu", "cuda"].includes(device)) {
+  console.error(`--device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
+  process.exit(2);
+}
 const GB = 1e9;
 
 const dir = syntheticCheckpoint(variant);

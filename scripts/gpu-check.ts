@@ -16,6 +16,10 @@ import { usableDevice, type Device } from "../src/runtime/session.js";
 
 const { values } = parseArgs({ options: { device: { type: "string" } } });
 const device = (values.device ?? "webgpu") as Device;
+if (!["webgpu", "cuda"].includes(device)) {
+  console.error(`--device: expected webgpu or cuda, got ${JSON.stringify(device)}`);
+  process.exit(2);
+}
 if ((await usableDevice(device)) !== device) process.exit(1);
 
 const fixture = (...p: string[]) => new URL(path.join("../test/fixtures", ...p), import.meta.url).pathname;
