@@ -87,10 +87,12 @@ const memoryOf = (dtype: string): Memory => (dtype === "fp32" ? "mapped" : "anon
 
 const run = promisify(execFile);
 const results: Record<string, unknown>[] = [];
-const bandwidthGBs: Record<Memory, Record<number, number>> = { mapped: {}, anonymous: {} };
-for (const memory of [...new Set(dtypes.map(memoryOf))]) for (const t of threadCounts) bandwidthGBs[memory][t] = await bandwidth(t, memory);
-/** The read bandwidth that bounds a configuration's decoding. */
-const bw = (r: { dtype: string; threads: number }) => bandwidthGBs[memoryOf(r.dtype)][r.threads]!;
+/**
+ * The read bandwidth that bounds a configuration's decoding: the mean of probes taken just before
+ * and just after its process ran. It moves with the machine's load (33 and 57 GB/s in two
+ * consecutive runs here), so one probe at the start misjudged later configurations by as much.
+ */
+const bw = (r: { bandwidthGBs: { before: number; after: number } }) => (r.bandwidthGBs.before + r.bandwidthGBs.after) / 2;
 for (const dtype of dtypes) {
   // Convert once, outside the timed load.
   const ckpt = await loadCheckpoint(dir, { dtype: dtype as "fp32" });
@@ -102,9 +104,11 @@ for (const dtype of dtypes) {
   await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device], { maxBuffer: 1 << 24 });
   for (const threads of threadCounts) {
     warm(tensors);
+    const before = await bandwidth(threads, memoryOf(dtype));
     const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device], { maxBuffer: 1 << 24 });
+    const after = await bandwidth(threads, memoryOf(dtype));
     const r = JSON.parse(stdout.trim().split("\n").at(-1)!);
-    results.push(r);
+    results.push({ ...r, memoryKind: memoryOf(dtype), bandwidthGBs: { before, after } });
     console.error(`done: ${dtype}, ${threads} thread(s)`);
   }
 }
@@ -121,7 +125,8 @@ const table = [
   row("  same, per image at batch 4, s", (r) => cell(r.vision4PerImage)),
   row("time to first token, s", (r) => cell(r.ttft)),
   row("decode per token, s", (r) => cell(r.perToken)),
-  row("  bandwidth floor (LM bytes / read GB/s), s", (r) => f(r.lmBytesPerToken / GB / bw(r), 3)),
+  row("  read GB/s before/after (memory)", (r) => `${f(r.bandwidthGBs.before, 1)}/${f(r.bandwidthGBs.after, 1)} (${r.memoryKind})`),
+  row("  bandwidth floor (LM bytes / mean read GB/s), s", (r) => f(r.lmBytesPerToken / GB / bw(r), 3)),
   row("  % of floor", (r) => `${f((100 * (r.lmBytesPerToken / GB / bw(r))) / r.perToken.median, 0)}%`),
   row(`${tokens}-token caption, s`, (r) => cell(r.total)),
   row("  x PyTorch (32-36 s)", (r) => f(r.total.median / 34, 2)),
@@ -134,9 +139,7 @@ const table = [
   row("logits cosine vs fp32 (top-1 agree)", (r) => (r.quality ? `${f(r.quality.cosine, 4)} (${r.quality.top1})` : "-")),
 ];
 const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length)));
-const probed = Object.entries(bandwidthGBs).filter(([, byThreads]) => Object.keys(byThreads).length);
-const bandwidthLine = probed.map(([memory, byThreads]) => `${memory} ${threadCounts.map((t) => `${f(byThreads[t]!, 1)} GB/s at ${t}t`).join(", ")}`).join("; ");
-console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); read bandwidth ${bandwidthLine}; medians of ${runs} runs (min-max)`);
+console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); medians of ${runs} runs (min-max)`);
 if (results.some((r: any) => r.device !== device)) console.log(`${device} was not available here: these figures are the CPU's`);
 for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
-console.log(JSON.stringify({ bench: "blip2", model: variant, device, cores: os.cpus().length, bandwidthGBs, pytorch: PYTORCH, results }));
+console.log(JSON.stringify({ bench: "blip2", model: variant, device, cores: os.cpus().length, pytorch: PYTORCH, results }));
