@@ -20,7 +20,7 @@ import type { TensorInfo } from "../src/io/safetensors.js";
 import { tensorsInUse } from "../src/quantize/quantize.js";
 import * as ort from "onnxruntime-node";
 import { attr, Graph } from "../src/ir/graph.js";
-import { CompiledGraph } from "../src/runtime/session.js";
+import { CompiledGraph, isDevice } from "../src/runtime/session.js";
 import { syntheticCheckpoint, type Variant } from "./synthetic-checkpoint.js";
 
 const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, device: { type: "string" } } });
@@ -30,7 +30,7 @@ const threadCounts = (values.threads ?? "2,1").split(",").map(Number);
 const runs = values.runs ?? "3";
 const tokens = values.tokens ?? "20";
 const device = values.device ?? "cpu";
-if (!["cpu", "webgpu", "cuda"].includes(device)) {
+if (!isDevice(device)) {
   console.error(`--device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   process.exit(2);
 }

@@ -12,11 +12,11 @@ import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { Blip2, Blip2ForImageTextRetrieval } from "../src/index.js";
-import { usableDevice, type Device } from "../src/runtime/session.js";
+import { isDevice, usableDevice, type Device } from "../src/runtime/session.js";
 
 const { values } = parseArgs({ options: { device: { type: "string" } } });
-const device = (values.device ?? "webgpu") as Device;
-if (!["webgpu", "cuda"].includes(device)) {
+const device = values.device ?? "webgpu";
+if (!isDevice(device) || device === "cpu") {
   console.error(`--device: expected webgpu or cuda, got ${JSON.stringify(device)}`);
   process.exit(2);
 }

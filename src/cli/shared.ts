@@ -3,7 +3,7 @@ import type { ModelLoadOptions } from "../api/conditionalGeneration.js";
 import { Blip2 } from "../api/tasks.js";
 import { parseDTypeSpec } from "../quantize/dtype.js";
 import type { GenerationOptions } from "../generation/options.js";
-import type { Device } from "../runtime/session.js";
+import { isDevice, type Device } from "../runtime/session.js";
 import { intOption, numberOption, stringOption, UsageError, type Io, type OptionSpec, type ParsedArgs } from "./command.js";
 import { progressSink, type ProgressSink } from "./progress.js";
 
@@ -82,7 +82,7 @@ export interface LoadedModel {
 export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & { progressSink: ProgressSink } {
   const progress = progressSink(io.stderr, args.values.quiet === true);
   const device = stringOption(args, "device");
-  if (device !== undefined && !["cpu", "webgpu", "cuda"].includes(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
+  if (device !== undefined && !isDevice(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   const imageBackend = stringOption(args, "image-backend");
   if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
   const dtype = stringOption(args, "dtype");

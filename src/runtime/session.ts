@@ -18,7 +18,9 @@ import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import { rowView, type CacheShape } from "./kvCache.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
-export type Device = "cpu" | "webgpu" | "cuda";
+export const DEVICES = ["cpu", "webgpu", "cuda"] as const;
+export type Device = (typeof DEVICES)[number];
+export const isDevice = (name: string): name is Device => (DEVICES as readonly string[]).includes(name);
 
 export interface RuntimeOptions {
   /** Intra-op threads (default: ONNX Runtime's choice, one per core). */
