@@ -278,6 +278,32 @@ export function conv(x: Value, weight: Value, bias: Value | null, stride: number
   return node("Conv", bias ? [x, weight, bias] : [x, weight], attrs, x.dtype, [x.dim(0), outC!, out(x.dim(2), kh!), out(x.dim(3), kw!)]);
 }
 
+export interface AttentionOptions {
+  heads: number;
+  /** Multiplies q k^T (transformers' scaling; 1 for T5, which has none). */
+  scale: number;
+}
+
+/**
+ * ONNX Runtime's com.microsoft.MultiHeadAttention: per head, softmax(q k^T * scale + bias) v, where
+ * `q` is [B, S, H*Dh] (heads split and merged inside the kernel) and `keys`, `values` are
+ * [B, H, T, Dh]. `bias` is [B, 1 or H, S, T]. Returns [B, S, H*Dh]. Its vector-Jacobian rule is
+ * that of the standard-op attention it fuses (matmuls and a softmax).
+ */
+export function multiHeadAttention(q: Value, keys: Value, values: Value, bias: Value, o: AttentionOptions): Value {
+  const op = "MultiHeadAttention";
+  if (q.rank !== 3 || q.dtype !== "float32") fail(op, `query ${q.name} ${fmt(q.shape)} ${q.dtype} is not a [batch, length, features] float32 projection`);
+  const features = q.dim(-1);
+  if (typeof features !== "number" || features % o.heads !== 0) fail(op, `cannot split ${features} features into ${o.heads} heads`);
+  const headDim = features / o.heads;
+  for (const x of [keys, values]) {
+    if (x.rank !== 4 || x.dim(1) !== o.heads || x.dim(3) !== headDim) fail(op, `${x.name} ${fmt(x.shape)} is not [batch, ${o.heads}, keys, ${headDim}]`);
+  }
+  if (bias.rank !== 4) fail(op, `bias ${bias.name} ${fmt(bias.shape)} is not [batch, heads, length, keys]`);
+  const attrs = { num_heads: attr.int(o.heads), scale: attr.float(o.scale) };
+  return node(op, [q, keys, values, null, null, bias], attrs, q.dtype, q.shape, "com.microsoft");
+}
+
 export interface NBitsOptions {
   k: number;
   n: number;

@@ -8,7 +8,7 @@
 import type { OptConfig } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attendWithCache, causalBias, layerNormLayer, linearLayer, linearWith, mergeHeads, Params, splitHeads, type KeyValue } from "./layers.js";
+import { activation, attendWithCacheFused, causalBias, layerNormLayer, linearLayer, linearWith, Params, type KeyValue } from "./layers.js";
 
 export type { KeyValue };
 
@@ -17,7 +17,7 @@ const LAYER_NORM_EPS = 1e-5;
 
 export interface OptDecoderOutputs {
   logits: Value;
-  /** The new positions' keys and values, per layer [B, H, S, Dh], for the caller's cache. */
+  /** The new positions' keys and values, per layer [B, S, H*Dh], for the caller's cache. */
   present: KeyValue[];
   /** Embeddings + positions, each layer's output, and the final normalized output. */
   hiddenStates: Value[];
@@ -93,13 +93,11 @@ function selfAttention(p: Params, cfg: OptConfig, x: Value, bias: Value, past: K
   const d = cfg.hiddenSize;
   const heads = cfg.numAttentionHeads;
   const scaling = (d / heads) ** -0.5;
-  const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, d, d, cfg.enableBias), heads);
-  // OPT scales the query projection before the dot product.
-  const q = op.mul(proj("q_proj"), x.graph.scalar(scaling));
-  const k = proj("k_proj");
-  const v = proj("v_proj");
-  const out = linearLayer(p.at("out_proj"), mergeHeads(attendWithCache(q, past, { key: k, value: v }, null, bias)), d, d, cfg.enableBias);
-  return { out, present: { key: k, value: v } };
+  const proj = (name: string) => linearLayer(p.at(name), x, d, d, cfg.enableBias);
+  const fresh = { key: proj("k_proj"), value: proj("v_proj") };
+  // transformers scales the query projection; the kernel scales its products, the same up to rounding.
+  const out = linearLayer(p.at("out_proj"), attendWithCacheFused(proj("q_proj"), past, fresh, heads, scaling, bias), d, d, cfg.enableBias);
+  return { out, present: fresh };
 }
 
 /** Graph inputs for the cache: one key and one value per layer, [B, H, L, Dh] with L the capacity. */

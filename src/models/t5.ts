@@ -102,14 +102,17 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
 /**
  * T5 attention (no scaling). With `cross`, keys/values are the precomputed encoder projections;
  * otherwise they come from `x`, attending also to the cache `past` when given. `present` is the
- * new positions' keys/values.
+ * new positions' keys/values [B, S, H*Dkv] (the cross-attention's own keys/values with `cross`).
  */
 function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue } {
-  const proj = (name: string) => splitHeads(linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false), cfg.numHeads);
-  const kv: KeyValue = cross ?? { key: proj("k"), value: proj("v") };
-  const q = proj("q");
+  const project = (name: string) => linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false);
+  const split = (v: Value) => splitHeads(v, cfg.numHeads);
+  // The new keys/values go to the cache as projected, [B, S, H*Dkv] (runtime/kvCache.ts).
+  const present = cross ? null : { key: project("k"), value: project("v") };
+  const kv: KeyValue = cross ?? { key: split(present!.key), value: split(present!.value) };
+  const q = split(project("q"));
   const context = past ? attendWithCache(q, past, kv, null, bias) : attend(q, kv.key, kv.value, null, bias);
-  return { out: linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false), present: kv };
+  return { out: linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false), present: present ?? kv };
 }
 
 function feedForward(p: Params, cfg: T5Config, x: Value): Value {

@@ -69,8 +69,9 @@ export class KvCache {
   }
 
   /**
-   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, heads, S, headDim])
-   * into the next free slots; `advance` then counts them as filled, once every row is written.
+   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, S, heads * headDim],
+   * the projections as the decoder computed them) into the next free slots, head by head;
+   * `advance` then counts them as filled, once every row is written.
    */
   write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
     const steps = newMask[0]!.length;
@@ -80,8 +81,13 @@ export class KvCache {
       const src = outputs[`new.${name.slice(5)}`]?.data as Float32Array | undefined;
       if (!src) throw new Blip2Error(`internal: the decoder did not return new.${name.slice(5)}`);
       const dst = t.data as Float32Array;
-      for (let rh = 0; rh < newMask.length * heads; rh++) {
-        dst.set(src.subarray(rh * steps * headDim, (rh + 1) * steps * headDim), ((first * heads + rh) * capacity + this.length) * headDim);
+      for (let r = 0; r < newMask.length; r++) {
+        for (let s = 0; s < steps; s++) {
+          for (let h = 0; h < heads; h++) {
+            const from = ((r * steps + s) * heads + h) * headDim;
+            dst.set(src.subarray(from, from + headDim), (((first + r) * heads + h) * capacity + this.length + s) * headDim);
+          }
+        }
       }
     }
     newMask.forEach((row, i) => row.forEach((m, j) => (this.slotMask[(first + i) * capacity + this.length + j] = m)));
