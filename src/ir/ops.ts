@@ -280,7 +280,7 @@ export function conv(x: Value, weight: Value, bias: Value | null, stride: number
 
 export interface AttentionOptions {
   heads: number;
-  /** Multiplies q k^T (transformers' scaling; 1 for T5, which has none). */
+  /** Multiplies q k^T (the model's attention scaling). */
   scale: number;
 }
 

@@ -82,7 +82,7 @@ export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buck
     const block = dec.at("block").at(i);
     const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past[i]!);
     x = op.add(x, self.out);
-    present.push(self.present);
+    present.push(self.present!);
     x = op.add(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias).out);
     x = op.add(x, feedForward(block.at("layer.2"), cfg, x));
     hiddenStates.push(x);
@@ -102,17 +102,20 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
 /**
  * T5 attention (no scaling). With `cross`, keys/values are the precomputed encoder projections;
  * otherwise they come from `x`, attending also to the cache `past` when given. `present` is the
- * new positions' keys/values [B, S, H*Dkv] (the cross-attention's own keys/values with `cross`).
+ * new positions' keys/values as projected, [B, S, H*Dkv], for the cache (runtime/kvCache.ts);
+ * cross-attention has none.
  */
-function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue } {
+function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue | null } {
   const project = (name: string) => linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false);
   const split = (v: Value) => splitHeads(v, cfg.numHeads);
-  // The new keys/values go to the cache as projected, [B, S, H*Dkv] (runtime/kvCache.ts).
-  const present = cross ? null : { key: project("k"), value: project("v") };
-  const kv: KeyValue = cross ?? { key: split(present!.key), value: split(present!.value) };
-  const q = split(project("q"));
-  const context = past ? attendWithCache(q, past, kv, null, bias) : attend(q, kv.key, kv.value, null, bias);
-  return { out: linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false), present: present ?? kv };
+  const attendTo = (kv: KeyValue) => {
+    const q = split(project("q"));
+    const context = past ? attendWithCache(q, past, kv, null, bias) : attend(q, kv.key, kv.value, null, bias);
+    return linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false);
+  };
+  if (cross) return { out: attendTo(cross), present: null };
+  const present = { key: project("k"), value: project("v") };
+  return { out: attendTo({ key: split(present.key), value: split(present.value) }), present };
 }
 
 function feedForward(p: Params, cfg: T5Config, x: Value): Value {
