@@ -23,7 +23,7 @@ beforeAll(async () => {
   const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: "q8", blip2Cache: root });
   await b.dispose();
   fingerprint = Checkpoint.open(fixture("tiny-blip2-opt")).fingerprint();
-  current = path.join(weights, fingerprint, "blip2-weights-2");
+  current = path.join(weights, fingerprint, "blip2-weights-3");
 });
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
@@ -35,11 +35,11 @@ describe("blip2 cache", () => {
     const lines = r.stdout.trim().split("\n");
     expect(lines[0]).toBe(weights);
     const id = fingerprint.slice(0, 12);
-    expect(lines).toContain(lines.find((l) => l.startsWith(`${id}  blip2-weights/2`) && l.includes("language-q8, qformer-q8, vision-q8") && l.endsWith(`from ${fixture("tiny-blip2-opt")}`)));
+    expect(lines).toContain(lines.find((l) => l.startsWith(`${id}  blip2-weights/3`) && l.includes("language-q8, qformer-q8, vision-q8") && l.endsWith(`from ${fixture("tiny-blip2-opt")}`)));
     expect(lines.some((l) => l.startsWith(`${id}  blip2-weights/1`) && /3\.0 kB {2}older format/.test(l))).toBe(true);
     const json = JSON.parse((await cli("cache", "--cache-dir", root, "--json")).stdout);
     const sizes = fs.readdirSync(current).filter((f) => f.endsWith(".safetensors")).reduce((s, f) => s + fs.statSync(path.join(current, f)).size, 0);
-    expect(json.entries.map((e: { format: string; age: string; bytes: number }) => [e.format, e.age, e.bytes])).toEqual([["blip2-weights/1", "older", 3000], ["blip2-weights/2", "current", sizes]]);
+    expect(json.entries.map((e: { format: string; age: string; bytes: number }) => [e.format, e.age, e.bytes])).toEqual([["blip2-weights/1", "older", 3000], ["blip2-weights/3", "current", sizes]]);
     // The library function the command prints.
     expect(listWeightCaches(root)).toEqual(json.entries);
   });
@@ -49,7 +49,7 @@ describe("blip2 cache", () => {
     put(path.join(older, "vision-q8.safetensors"), 500);
     // An older version still converting into its folder: left until it is done.
     const stillWritten = put(path.join(weights, "abcdef0123456789", "blip2-weights-1", `vision-q8.safetensors.tmp-${process.pid}`), 50);
-    const newer = put(path.join(weights, fingerprint, "blip2-weights-3", "vision-q8.safetensors"), 100);
+    const newer = put(path.join(weights, fingerprint, "blip2-weights-4", "vision-q8.safetensors"), 100);
     const notOurs = put(path.join(weights, fingerprint, "notes", "readme.txt"), 10);
     const dead = put(path.join(current, "language-q4.safetensors.tmp-99999999"), 200);
     const running = put(path.join(current, `vision-q4.safetensors.tmp-${process.pid}`), 200);
@@ -68,10 +68,10 @@ describe("blip2 cache", () => {
   });
 
   it("--remove takes one checkpoint's conversions by id or unambiguous prefix", async () => {
-    put(path.join(weights, "ffff0000aaaa", "blip2-weights-2", "vision-q8.safetensors"), 10);
-    fs.writeFileSync(path.join(weights, "ffff0000aaaa", "blip2-weights-2", "source.json"), JSON.stringify({ checkpoint: "/no/such/blip2-model" }));
-    expect((await cli("cache", "--cache-dir", root)).stdout).toContain("ffff0000aaaa  blip2-weights/2      10 B  vision-q8  from /no/such/blip2-model (no longer there)\n");
-    put(path.join(weights, "ffff1111bbbb", "blip2-weights-2", "vision-q8.safetensors"), 10);
+    put(path.join(weights, "ffff0000aaaa", "blip2-weights-3", "vision-q8.safetensors"), 10);
+    fs.writeFileSync(path.join(weights, "ffff0000aaaa", "blip2-weights-3", "source.json"), JSON.stringify({ checkpoint: "/no/such/blip2-model" }));
+    expect((await cli("cache", "--cache-dir", root)).stdout).toContain("ffff0000aaaa  blip2-weights/3      10 B  vision-q8  from /no/such/blip2-model (no longer there)\n");
+    put(path.join(weights, "ffff1111bbbb", "blip2-weights-3", "vision-q8.safetensors"), 10);
     const ambiguous = await cli("cache", "--remove", "ffff", "--cache-dir", root);
     expect(ambiguous.code).toBe(1);
     expect(ambiguous.stderr).toMatch(/id "ffff" is ambiguous: it starts ffff0000aaaa, ffff1111bbbb/);
@@ -91,7 +91,7 @@ describe("blip2 cache", () => {
     const done = await cli("cache", "--remove", fingerprint.slice(0, 12), "--cache-dir", root);
     expect(done.code, done.stderr).toBe(0);
     expect(fs.existsSync(path.join(weights, fingerprint))).toBe(false);
-    expect((await cli("cache", "--cache-dir", root)).stdout).toBe(`${weights}\nffff1111bbbb  blip2-weights/2      10 B  vision-q8\ntotal 10 B\n`);
+    expect((await cli("cache", "--cache-dir", root)).stdout).toBe(`${weights}\nffff1111bbbb  blip2-weights/3      10 B  vision-q8\ntotal 10 B\n`);
   });
 
   it("rejects --prune with --remove, and stray arguments", async () => {

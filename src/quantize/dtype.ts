@@ -15,7 +15,7 @@ export const MODEL_PARTS: readonly ModelPart[] = ["vision", "qformer", "language
  * reads files written under another. The block size is not part of it: each weight's shape records
  * its own.
  */
-export const WEIGHTS_FORMAT = "blip2-weights/2";
+export const WEIGHTS_FORMAT = "blip2-weights/3";
 
 /** Which part a checkpoint tensor belongs to. */
 export function partOf(name: string): ModelPart {
@@ -24,7 +24,7 @@ export function partOf(name: string): ModelPart {
   return "qformer";
 }
 
-/** Block-quantized (run by MatMulNBits), as against float weights. */
+/** Integer weights (8-bit channels, 4-bit blocks), as against float ones. */
 export const isQuantized = (d: WeightDType): d is "q8" | "q4" => d === "q8" || d === "q4";
 
 /** T5's encoder weights: read once per prompt, where the decoder's are read once per generated token. */

@@ -10,9 +10,10 @@ import { Blip2Error } from "../errors.js";
 import type { TensorInfo } from "../io/safetensors.js";
 import { startWorker } from "../thread.js";
 import type { QuantizedMatrix } from "./blockQuant.js";
+import type { ChannelQuantized } from "./channelQuant.js";
 
-/** One weight to convert: into 8/4-bit blocks, or narrowed to float16. */
-export type ConvertJob = { info: TensorInfo; to: "blocks"; bits: 4 | 8; blockSize: number } | { info: TensorInfo; to: "fp16" };
+/** One weight to convert: into 8-bit channels or 4-bit blocks, or narrowed to float16. */
+export type ConvertJob = { info: TensorInfo; to: "channels" } | { info: TensorInfo; to: "blocks"; blockSize: number } | { info: TensorInfo; to: "fp16" };
 
 interface Pending {
   resolve: (result: unknown) => void;
@@ -31,9 +32,14 @@ export class QuantizePool {
 
   constructor(readonly threads = Math.min(MAX_THREADS, os.availableParallelism())) {}
 
-  /** A [N, K] weight in blocks of `blockSize` along K (blockQuant.ts). */
-  quantize(info: TensorInfo, bits: 4 | 8, blockSize: number): Promise<QuantizedMatrix> {
-    return this.run({ info, to: "blocks", bits, blockSize });
+  /** A [N, K] weight in 8-bit channels (channelQuant.ts). */
+  quantizeChannels(info: TensorInfo): Promise<ChannelQuantized> {
+    return this.run({ info, to: "channels" });
+  }
+
+  /** A [N, K] weight in 4-bit blocks of `blockSize` along K (blockQuant.ts). */
+  quantizeBlocks(info: TensorInfo, blockSize: number): Promise<QuantizedMatrix> {
+    return this.run({ info, to: "blocks", blockSize });
   }
 
   /** A weight's values as float16 bits. */

@@ -18,14 +18,13 @@ import { blip2CacheDir, formatFolder, recordSource, removeAbandonedFiles, weight
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
 /**
- * Values per quantization block along K: 256, MatMulNBits's largest, where the row length allows
- * (a power of two dividing it; ViT-g's 1408 allows 128). Its int8 kernels convert and scale each
- * block's sum in float, so longer blocks run faster. Measured on this project's machine, blocks of
- * 256 against 128: 12-20% more GFLOP/s for 38 or 257 rows, and on the OPT-2.7B benchmark in two
- * A/B pairs a q4 caption of 3.45 against 3.75 s (vision 1.56 against 1.75 s, decode 0.059-0.071
- * against 0.074-0.080 s per token), 3-4% less memory, and the same cosine to float32 (0.9945 q4,
- * 0.9995 against 0.9996 q8). Blocks of 32 ran 1.4-2x slower than 128. The block size is recorded in
- * each weight's shape, so weights converted with another one still load and run.
+ * Values per 4-bit block along K: 256, MatMulNBits's largest, where the row length allows (a power
+ * of two dividing it). Its int8 kernels convert and scale each block's sum in float, so longer
+ * blocks run faster. Measured on this project's machine, blocks of 256 against 128: 12-20% more
+ * GFLOP/s for 38 or 257 rows, and on the OPT-2.7B benchmark in two A/B pairs a q4 caption of 3.45
+ * against 3.75 s, 3-4% less memory, and the same cosine to float32 (0.9945). Blocks of 32 ran
+ * 1.4-2x slower than 128. The block size is recorded in each weight's shape, so weights converted
+ * with another one still load and run.
  */
 const BLOCK_SIZE = 256;
 
@@ -93,7 +92,7 @@ export function tensorsInUse(ckpt: Checkpoint): TensorInfo[] {
 /** Tensor names a weight has in the given precision. */
 export function variantNames(name: string, dtype: WeightDType): string[] {
   if (dtype === "fp16") return [`${name}.fp16`];
-  return ["weight", "scales", "zero_points"].map((s) => `${name}.${dtype}.${s}`);
+  return (dtype === "q8" ? ["weight", "scales"] : ["weight", "scales", "zero_points"]).map((s) => `${name}.${dtype}.${s}`);
 }
 
 /**
@@ -170,15 +169,21 @@ export function variantTensors(info: TensorInfo, dtype: Exclude<WeightDType, "fp
     const { start, take } = lazyJob(() => pool.toHalf(info));
     return [{ name: `${info.name}.fp16`, dtype: "F16", shape: [n, k], data: take(bytes, true), prepare: start }];
   }
-  const bits = dtype === "q4" ? 4 : 8;
+  if (dtype === "q8") {
+    const { start, take } = lazyJob(() => pool.quantizeChannels(info));
+    return [
+      { name: `${info.name}.q8.weight`, dtype: "I8", shape: [k, n], data: take((m) => bytes(m.weight)), prepare: start },
+      { name: `${info.name}.q8.scales`, dtype: "F32", shape: [n], data: take((m) => bytes(m.scales), true), prepare: start },
+    ];
+  }
   const blockSize = blockSizeFor(k);
-  if (blockSize < 16) throw new Blip2Error(`${info.name}: ${k} input features cannot be split into blocks of 16 or more for ${dtype}; keep this part in fp32`);
+  if (blockSize < 16) throw new Blip2Error(`${info.name}: ${k} input features cannot be split into blocks of 16 or more for q4; keep this part in q8 or fp32`);
   const kBlocks = k / blockSize;
-  const { start, take } = lazyJob(() => pool.quantize(info, bits, blockSize));
+  const { start, take } = lazyJob(() => pool.quantizeBlocks(info, blockSize));
   return [
-    { name: `${info.name}.${dtype}.weight`, dtype: "U8", shape: [n, kBlocks, (blockSize * bits) / 8], data: take((m) => m.weight), prepare: start },
-    { name: `${info.name}.${dtype}.scales`, dtype: "F32", shape: [n * kBlocks], data: take((m) => bytes(m.scales)), prepare: start },
-    { name: `${info.name}.${dtype}.zero_points`, dtype: "U8", shape: [n * zeroPointBytesPerRow(kBlocks, bits)], data: take((m) => m.zeroPoints, true), prepare: start },
+    { name: `${info.name}.q4.weight`, dtype: "U8", shape: [n, kBlocks, blockSize / 2], data: take((m) => m.weight), prepare: start },
+    { name: `${info.name}.q4.scales`, dtype: "F32", shape: [n * kBlocks], data: take((m) => bytes(m.scales)), prepare: start },
+    { name: `${info.name}.q4.zero_points`, dtype: "U8", shape: [n * zeroPointBytesPerRow(kBlocks)], data: take((m) => m.zeroPoints, true), prepare: start },
   ];
 }
 

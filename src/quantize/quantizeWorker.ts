@@ -3,6 +3,7 @@ import { parentPort } from "node:worker_threads";
 import { describeError } from "../errors.js";
 import { floatToHalf, readTensorF32 } from "../io/safetensors.js";
 import { quantizeMatrix } from "./blockQuant.js";
+import { quantizeChannels } from "./channelQuant.js";
 import type { ConvertJob } from "./pool.js";
 
 parentPort!.on("message", (job: ConvertJob) => {
@@ -14,7 +15,12 @@ parentPort!.on("message", (job: ConvertJob) => {
       return;
     }
     const [n, k] = job.info.shape as [number, number];
-    const m = quantizeMatrix(w, n, k, job.bits, job.blockSize);
+    if (job.to === "channels") {
+      const m = quantizeChannels(w, n, k);
+      parentPort!.postMessage({ result: m }, [m.weight.buffer, m.scales.buffer] as ArrayBuffer[]);
+      return;
+    }
+    const m = quantizeMatrix(w, n, k, job.blockSize);
     parentPort!.postMessage({ result: m }, [m.weight.buffer, m.scales.buffer, m.zeroPoints.buffer] as ArrayBuffer[]);
   } catch (err) {
     parentPort!.postMessage({ error: describeError(err) });
