@@ -122,11 +122,19 @@ export function linear(x: Value, weight: Value, bias: Value | null): Value {
   if (bias && (bias.rank !== 1 || (typeof bias.shape[0] === "number" && bias.shape[0] !== outF))) {
     fail("linear", `bias ${bias.name} ${fmt(bias.shape)} does not match weight ${weight.name} ${fmt(weight.shape)}`);
   }
-  const gemm = (a: Value) => node("Gemm", bias ? [a, weight, bias] : [a, weight], { transB: attr.int(1) }, x.dtype, [a.dim(0), outF]);
-  if (x.rank === 2) return gemm(x);
-  const flat = reshape(x, [-1, inF as number]);
-  const lead = x.shape.slice(0, -1);
-  return reshapeTo(gemm(flat), concat([slice(shapeOf(x), [0], [x.rank - 1], [0]), x.graph.ints([outF as number])], 0), [...lead, outF]);
+  return byRows(x, outF as number, (rows) => node("Gemm", bias ? [rows, weight, bias] : [rows, weight], { transB: attr.int(1) }, x.dtype, [rows.dim(0), outF]));
+}
+
+/**
+ * `f` applied to `x` [..., K] seen as a matrix of rows [rows, K], its [rows, n] result given back
+ * `x`'s leading dimensions: for ops that take matrices only.
+ */
+export function byRows(x: Value, n: number, f: (rows: Value) => Value): Value {
+  if (x.rank === 2) return f(x);
+  const k = x.dim(-1);
+  if (typeof k !== "number") fail("byRows", `${x.name} ${fmt(x.shape)} has no known last dimension`);
+  const out = f(reshape(x, [-1, k]));
+  return reshapeTo(out, concat([slice(shapeOf(x), [0], [x.rank - 1], [0]), x.graph.ints([n])], 0), [...x.shape.slice(0, -1), n]);
 }
 
 export function softmax(x: Value, axis = -1): Value {
@@ -151,6 +159,7 @@ function reduce(op: string, x: Value, axes: number[], keepdims: boolean): Value 
 export const reduceMean = (x: Value, axes: number[], keepdims = true) => reduce("ReduceMean", x, axes, keepdims);
 export const reduceSum = (x: Value, axes: number[], keepdims = true) => reduce("ReduceSum", x, axes, keepdims);
 export const reduceMax = (x: Value, axes: number[], keepdims = true) => reduce("ReduceMax", x, axes, keepdims);
+export const reduceMin = (x: Value, axes: number[], keepdims = true) => reduce("ReduceMin", x, axes, keepdims);
 
 /** Reshape with ONNX semantics for constant targets: 0 copies the input dimension, -1 is inferred. */
 export function reshape(x: Value, dims: number[]): Value {
@@ -307,17 +316,33 @@ export function multiHeadAttention(q: Value, keys: Value, values: Value, bias: V
 }
 
 /**
- * Integer matrix product with int32 sums: uint8 `a` (minus the scalar `aZeroPoint`) times int8 `b`
- * [K, N], numpy broadcasting of `a`'s leading dimensions. The unsigned-by-signed form is the one
- * ONNX Runtime's CPU kernels run fast (int8 by int8 ran some 25 times slower).
+ * ONNX's QuantizeLinear with one scale per row of a matrix `x` [M, K] (axis 0): uint8 codes
+ * round(x / scale) + zeroPoint, rounded half to even and saturated to [0, 255].
  */
-export function matMulInteger(a: Value, b: Value, aZeroPoint: Value): Value {
-  const op = "MatMulInteger";
-  if (a.dtype !== "uint8" || aZeroPoint.dtype !== "uint8" || aZeroPoint.rank !== 0) fail(op, `expects uint8 ${a.name} and a uint8 scalar zero point, got ${a.dtype} and ${aZeroPoint.dtype} ${fmt(aZeroPoint.shape)}`);
+export function quantizeRows(x: Value, scales: Value, zeroPoints: Value): Value {
+  const op = "QuantizeLinear";
+  if (x.rank !== 2 || x.dtype !== "float32") fail(op, `expects a float32 matrix, got ${x.name} ${fmt(x.shape)} ${x.dtype}`);
+  for (const v of [scales, zeroPoints]) {
+    if (v.rank !== 1 || v.dim(0) !== x.dim(0)) fail(op, `${v.name} ${fmt(v.shape)} is not one value per row of ${x.name} ${fmt(x.shape)}`);
+  }
+  if (zeroPoints.dtype !== "uint8") fail(op, `zero points ${zeroPoints.name} must be uint8, got ${zeroPoints.dtype}`);
+  return node(op, [x, scales, zeroPoints], { axis: attr.int(0) }, "uint8", x.shape);
+}
+
+/**
+ * ONNX Runtime's com.microsoft.MatMulIntegerToFloat: (a - aZeroPoint) @ b in int32 sums, times
+ * aScale (a scalar) and bScale (one per column of b), as float32. `a` is a uint8 matrix [M, K], `b`
+ * int8 [K, N]: the unsigned-by-signed form ONNX Runtime's CPU kernels run fast (int8 by int8 through
+ * MatMulInteger ran some 25 times slower).
+ */
+export function matMulIntegerToFloat(a: Value, b: Value, aScale: Value, bScale: Value, aZeroPoint: Value): Value {
+  const op = "MatMulIntegerToFloat";
+  if (a.dtype !== "uint8" || a.rank !== 2) fail(op, `expects a uint8 matrix, got ${a.name} ${fmt(a.shape)} ${a.dtype}`);
   if (b.dtype !== "int8" || b.rank !== 2) fail(op, `weight ${b.name} ${fmt(b.shape)} ${b.dtype} is not a 2-D int8 matrix`);
-  const k = a.dim(-1);
-  if (typeof k === "number" && k !== b.dim(0)) fail(op, `inner dimensions differ: ${a.name} ${fmt(a.shape)} x ${b.name} ${fmt(b.shape)}`);
-  return node(op, [a, b, aZeroPoint], {}, "int32", [...a.shape.slice(0, -1), b.dim(1)]);
+  if (a.dim(1) !== b.dim(0)) fail(op, `inner dimensions differ: ${a.name} ${fmt(a.shape)} x ${b.name} ${fmt(b.shape)}`);
+  if (aScale.rank !== 0 || aZeroPoint.rank !== 0 || aZeroPoint.dtype !== "uint8") fail(op, `expects a scalar scale and a uint8 scalar zero point for ${a.name}`);
+  if (bScale.rank !== 1 || bScale.dim(0) !== b.dim(1)) fail(op, `scales ${bScale.name} ${fmt(bScale.shape)} are not one per column of ${b.name} ${fmt(b.shape)}`);
+  return node(op, [a, b, aScale, bScale, aZeroPoint], {}, "float32", [a.dim(0), b.dim(1)], "com.microsoft");
 }
 
 export interface NBitsOptions {

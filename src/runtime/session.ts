@@ -168,9 +168,10 @@ export class CompiledGraph {
         session: {
           model_external_initializers_file_folder_path: folder,
           // Prepacking keeps a private, re-laid-out copy of every weight matrix: not worth it for
-          // float32 weights (read in place from the mapped file), but block-quantized MatMulNBits
-          // needs its packed layout to run fast (some 100x).
-          disable_prepacking: graph.nodes.some((n) => n.op === "MatMulNBits") ? "0" : "1",
+          // float32 weights (read in place from the mapped file), but the integer kernels need
+          // their packed layout to run fast (MatMulNBits some 100x; MatMulInteger packs the weight
+          // again on every call without it: a q8 decoding step took 5x as long).
+          disable_prepacking: graph.nodes.some((n) => n.op === "MatMulNBits" || n.op === "MatMulInteger") ? "0" : "1",
         },
       },
     };
