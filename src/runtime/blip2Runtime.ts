@@ -11,7 +11,7 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph } from "../ir/graph.js";
 import { isQuantized } from "../quantize/dtype.js";
-import { runImages, SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions } from "./session.js";
+import { runImages, SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions, type SessionOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
@@ -51,15 +51,15 @@ export class Blip2Runtime {
    * are 60 MB for 4 rows of Flan-T5-XL; measured, 0.04-0.1 GB lower peak resident over batch-4
    * captions). The decoder steps keep it (see RuntimeOptions.arena).
    */
-  private sessionOptions(name: string): Pick<RuntimeOptions, "arena"> {
+  private sessionOptions(name: string): SessionOptions {
     if (name === "image") return visionSessionOptions(this.checkpoint.dtypes.vision);
     return name === "t5_encoder" || name === "t5_cross" ? { arena: false } : {};
   }
 
   /**
-   * Creates every session now, all at once: ONNX Runtime creates them on its own threads, and
-   * packing quantized weights is single-threaded per session, so together they take the time of
-   * the largest (OPT-2.7B q8: 6.9 s instead of 9.0 s one after the other; peak memory the same).
+   * Creates every session now. ONNX Runtime creates a session synchronously in the thread that
+   * asks, so those of one worker thread are created one after the other; the vision encoder's has
+   * a worker of its own (see visionSessionOptions) and is created beside the others.
    */
   async prepare(): Promise<void> {
     await Promise.all(Object.keys(this.graphs()).map((name) => this.session(name)));

@@ -135,14 +135,27 @@ class WorkerHost implements Host {
   }
 }
 
+/**
+ * Options a runtime sets per session. `thread` names the worker thread it lives in: ONNX Runtime
+ * creates a session synchronously, prepacking its integer weights on one thread, so sessions in
+ * separate workers are created side by side (the vision encoder's beside the language model's).
+ */
+export type SessionOptions = Pick<RuntimeOptions, "arena"> & { thread?: "image" };
+
 let localHost: LocalHost | null = null;
-let workerHost: WorkerHost | null = null;
+const workerHosts = new Map<string, WorkerHost>();
 let nextId = 0;
 
-function hostFor(options: RuntimeOptions): Host {
+function hostFor(options: RuntimeOptions & SessionOptions): Host {
   if (options.worker === false) return (localHost ??= new LocalHost());
-  return (workerHost ??= new WorkerHost());
+  const thread = options.thread ?? "main";
+  let host = workerHosts.get(thread);
+  if (!host) workerHosts.set(thread, (host = new WorkerHost()));
+  return host;
 }
+
+/** The ops whose weights ONNX Runtime must prepack. */
+const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
 
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
@@ -152,7 +165,7 @@ export class CompiledGraph {
     private readonly id: number,
   ) {}
 
-  static async create(graph: Graph, options: RuntimeOptions = {}): Promise<CompiledGraph> {
+  static async create(graph: Graph, options: RuntimeOptions & SessionOptions = {}): Promise<CompiledGraph> {
     const files = [...new Set(graph.initializers.flatMap((i) => (i.kind === "external" ? [i.file] : [])))];
     const real = new Map(files.map((f) => [f, realPath(f)]));
     const folder = commonFolder([...real.values()]);
@@ -169,9 +182,9 @@ export class CompiledGraph {
           model_external_initializers_file_folder_path: folder,
           // Prepacking keeps a private, re-laid-out copy of every weight matrix: not worth it for
           // float32 weights (read in place from the mapped file), but the integer kernels need
-          // their packed layout to run fast (MatMulNBits some 100x; MatMulInteger packs the weight
-          // again on every call without it: a q8 decoding step took 5x as long).
-          disable_prepacking: graph.nodes.some((n) => n.op === "MatMulNBits" || n.op === "MatMulInteger") ? "0" : "1",
+          // their packed layout to run fast (MatMulNBits some 100x; MatMulIntegerToFloat packs the
+          // weight again on every call without it: a q8 decoding step took 4x as long).
+          disable_prepacking: graph.nodes.some((n) => INTEGER_KERNELS.has(n.op)) ? "0" : "1",
         },
       },
     };
@@ -287,12 +300,13 @@ export const tensor = {
 };
 
 /**
- * Options of a session running the vision encoder. With quantized weights it drops the memory
- * arena: measured, 0.25-0.3 GB less peak private memory at the same time per image (activations,
- * hundreds of MB at batch 4, are not held between images). With float32 weights the benchmark's
- * private memory grew instead, so those keep it.
+ * Options of a session running the vision encoder: a worker thread of its own (created beside the
+ * language model's sessions; OPT-2.7B q8 loaded in 6-7 s against 10-19 s in one thread). With
+ * quantized weights it drops the memory arena: measured, 0.25-0.3 GB less peak private memory at
+ * the same time per image (activations, hundreds of MB at batch 4, are not held between images).
+ * With float32 weights the benchmark's private memory grew instead, so those keep it.
  */
-export const visionSessionOptions = (visionDType: WeightDType): Pick<RuntimeOptions, "arena"> => ({ arena: !isQuantized(visionDType) });
+export const visionSessionOptions = (visionDType: WeightDType): SessionOptions => ({ arena: !isQuantized(visionDType), thread: "image" });
 
 /**
  * Runs a graph from `pixel_values` [B, 3, size, size] whose outputs are all [B, ...]. On the CPU
@@ -313,7 +327,7 @@ export class SessionCache {
 
   constructor(private readonly options: RuntimeOptions) {}
 
-  get(name: string, build: () => Graph, options: Pick<RuntimeOptions, "arena"> = {}): Promise<CompiledGraph> {
+  get(name: string, build: () => Graph, options: SessionOptions = {}): Promise<CompiledGraph> {
     let s = this.sessions.get(name);
     if (!s) {
       s = CompiledGraph.create(build(), { ...this.options, ...options });
