@@ -8,8 +8,9 @@ import type { Device } from "../runtime/session.js";
 
 export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
   /**
-   * Precision of the linear weights: "fp32" (default), "fp16", "q8", "q4" (block-quantized, run by
-   * ONNX Runtime's MatMulNBits), or per part, e.g. `{ vision: "fp32", language: "q4" }`. Converted
+   * Precision of the linear weights: "fp32" (default), "fp16", "q8" (8-bit channels, run in integer
+   * arithmetic), "q4" (4-bit blocks for the language model's feed-forward weights, 8-bit channels
+   * elsewhere), or per part, e.g. `{ vision: "fp32", language: "q4" }`. Converted
    * weights are written once to the blip2 cache and memory-mapped from there afterwards.
    */
   dtype?: DTypeSpec;

@@ -32,9 +32,9 @@ export const readOncePerPrompt = (name: string) => name.startsWith("language_mod
 
 /**
  * The precision of each part. The shorthand "q4" puts the language model in q4 and the vision
- * encoder and Q-Former in q8: they are compute-bound (257 image tokens per layer), where 4-bit
- * weights bring no speed (MatMulNBits's int8 arithmetic runs 8-bit blocks as fast) and cost
- * accuracy. Name the parts to choose otherwise: `{ vision: "q4", ... }`.
+ * encoder and Q-Former in q8: they are compute-bound (257 image tokens per layer), where 8-bit
+ * channels run fastest (integer matrix products; 4-bit blocks ran about 3x slower on ViT-g's
+ * shapes) and 4 bits cost accuracy. Name the parts to choose otherwise: `{ vision: "q4", ... }`.
  */
 export function resolveDTypes(spec: DTypeSpec | undefined): PartDTypes {
   const all: PartDTypes = { vision: "fp32", qformer: "fp32", language: "fp32" };
