@@ -4,7 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { afterAll, describe, expect, it } from "vitest";
-import { Blip2, type GenerationOptions } from "../src/index.js";
+import { Blip2, Blip2ForImageTextRetrieval, type GenerationOptions } from "../src/index.js";
 import { Graph } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import * as op from "../src/ir/ops.js";
@@ -13,7 +13,7 @@ import { dequantizeMatrix, quantizeMatrix } from "../src/quantize/blockQuant.js"
 import { dequantizeChannels, quantizeChannels } from "../src/quantize/channelQuant.js";
 import { linearInt8 } from "../src/models/layers.js";
 import { parseDTypeSpec, resolveDTypes, weightDType } from "../src/quantize/dtype.js";
-import { cli, fixture } from "./helpers.js";
+import { cli, fixture, loadReference } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-qcache-"));
 const loaded: Blip2[] = [];
@@ -217,6 +217,48 @@ describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s in lower precision", (nam
       }
     }
     expect(same).toBe(12 - differs.length);
+  });
+});
+
+describe("integer sessions", () => {
+  it("prepack their weights (the integer kernels repack them on every run otherwise), float ones do not", async () => {
+    const { Checkpoint } = await import("../src/io/checkpoint.js");
+    const { imageGraph, optDecoderGraph } = await import("../src/models/blip2.js");
+    const { withDTypes } = await import("../src/quantize/quantize.js");
+    const { prepacks } = await import("../src/runtime/session.js");
+    const ckpt = Checkpoint.open(fixture("tiny-blip2-opt"));
+    const graphs = (c: typeof ckpt) => [imageGraph(c, { project: true }), optDecoderGraph(c, c.config.text as import("../src/config.js").OptConfig)];
+    expect(graphs(ckpt).map(prepacks)).toEqual([false, false]);
+    for (const dtype of ["q8", "q4"] as const) {
+      const quantized = await withDTypes(ckpt, resolveDTypes(dtype), { cacheDir: cache });
+      expect(graphs(quantized).map(prepacks), dtype).toEqual([true, true]);
+    }
+  });
+});
+
+describe("tiny-blip2-itm in q8", () => {
+  it("keeps transformers' ITC and ITM scores within the quantization error, and their order", async () => {
+    const dir = fixture("tiny-blip2-itm");
+    const ref = loadReference(path.join(dir, "reference.safetensors"));
+    const texts = JSON.parse(fs.readFileSync(path.join(dir, "reference.json"), "utf8")).texts.slice(0, 2);
+    const images = [fixture("image0.png"), fixture("image1.png")];
+    const model = await Blip2ForImageTextRetrieval.fromPretrained(dir, { dtype: "q8", blip2Cache: cache });
+    try {
+      const itc = (await model.similarity(images, texts)).flat();
+      const refItc = Array.from(ref.get("itc.logits_per_image")!.data);
+      itc.forEach((v, i) => expect(Math.abs(v - refItc[i]!), `itc ${i}`).toBeLessThan(0.02));
+      // Each image prefers the same text.
+      expect(itc[0]! < itc[1]!).toBe(refItc[0]! < refItc[1]!);
+      expect(itc[2]! < itc[3]!).toBe(refItc[2]! < refItc[3]!);
+      const match = await model.match(images, texts);
+      const itm = [match.logits[0]![0]!, match.logits[1]![1]!].flat();
+      const refItm = Array.from(ref.get("itm.logits_per_image")!.data);
+      itm.forEach((v, i) => expect(Math.abs(v - refItm[i]!), `itm ${i}`).toBeLessThan(0.03));
+      expect(itm[0]! > itm[1]!).toBe(refItm[0]! > refItm[1]!);
+      expect(itm[2]! > itm[3]!).toBe(refItm[2]! > refItm[3]!);
+    } finally {
+      await model.dispose();
+    }
   });
 });
 

@@ -154,8 +154,16 @@ function hostFor(options: RuntimeOptions & SessionOptions): Host {
   return host;
 }
 
-/** The ops whose weights ONNX Runtime must prepack. */
 const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
+
+/**
+ * Whether ONNX Runtime prepacks the graph's weights. Prepacking keeps a private, re-laid-out copy of
+ * every weight matrix: not worth it for float32 weights (read in place from the mapped file), but
+ * the integer kernels need their packed layout to run fast (MatMulNBits some 100x;
+ * MatMulIntegerToFloat packs the weight again on every call without it: a q8 decoding step took 4x
+ * as long).
+ */
+export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEGER_KERNELS.has(n.op));
 
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
@@ -180,11 +188,7 @@ export class CompiledGraph {
       extra: {
         session: {
           model_external_initializers_file_folder_path: folder,
-          // Prepacking keeps a private, re-laid-out copy of every weight matrix: not worth it for
-          // float32 weights (read in place from the mapped file), but the integer kernels need
-          // their packed layout to run fast (MatMulNBits some 100x; MatMulIntegerToFloat packs the
-          // weight again on every call without it: a q8 decoding step took 4x as long).
-          disable_prepacking: graph.nodes.some((n) => INTEGER_KERNELS.has(n.op)) ? "0" : "1",
+          disable_prepacking: prepacks(graph) ? "0" : "1",
         },
       },
     };
