@@ -68,8 +68,6 @@ export const tanh = (x: Value) => unary("Tanh", x);
 export const erf = (x: Value) => unary("Erf", x);
 export const relu = (x: Value) => unary("Relu", x);
 export const sigmoid = (x: Value) => unary("Sigmoid", x);
-/** Rounds half to even. */
-export const round = (x: Value) => unary("Round", x);
 export const abs = (x: Value) => unary("Abs", x, false);
 export const identity = (x: Value) => unary("Identity", x, false);
 

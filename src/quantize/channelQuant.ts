@@ -1,8 +1,9 @@
 /**
- * 8-bit weights for ONNX Runtime's MatMulInteger: a [N, K] weight (PyTorch's [out, in]) becomes
- * signed codes with one scale per output channel, value = code * scale, where the scale maps the
- * row's largest magnitude onto 127. Symmetric codes keep zero exact and need no zero-point term in
- * the integer product. The codes are stored transposed, [K, N], the layout MatMulInteger takes.
+ * 8-bit weights for ONNX Runtime's integer matrix products (MatMulIntegerToFloat, see
+ * models/layers.ts linearInt8): a [N, K] weight (PyTorch's [out, in]) becomes signed codes with one
+ * scale per output channel, value = code * scale, where the scale maps the row's largest magnitude
+ * onto 127. Symmetric codes keep zero exact and need no zero-point term in the integer product. The
+ * codes are stored transposed, [K, N], the layout the kernel takes.
  */
 
 export interface ChannelQuantized {

@@ -305,7 +305,7 @@ export const tensor = {
 
 /**
  * Options of a session running the vision encoder: a worker thread of its own (created beside the
- * language model's sessions; OPT-2.7B q8 loaded in 6-7 s against 10-19 s in one thread). With
+ * language model's sessions; OPT-2.7B q8 loaded in 7.1-7.4 s against 10-19 s in one thread). With
  * quantized weights it drops the memory arena: measured, 0.25-0.3 GB less peak private memory at
  * the same time per image (activations, hundreds of MB at batch 4, are not held between images).
  * With float32 weights the benchmark's private memory grew instead, so those keep it.
