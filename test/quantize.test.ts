@@ -220,6 +220,39 @@ describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s in lower precision", (nam
   });
 });
 
+describe("where tiny-blip2-t5's greedy ids differ in lower precision", () => {
+  /** Greedy ids and each step's logits for prompt `c` of the fixture. */
+  async function greedy(dtype: "fp32" | "q8" | "q4", c: number) {
+    const { generateIds } = await import("../src/generation/generate.js");
+    const { resolveGeneration } = await import("../src/generation/options.js");
+    const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-t5", "reference.json"), "utf8"));
+    const b = await Blip2.load(fixture("tiny-blip2-t5"), { dtype, blip2Cache: cache });
+    try {
+      const m = b.model as unknown as { runtime: import("../src/runtime/blip2Runtime.js").Blip2Runtime; defaults: GenerationOptions };
+      const inputs = await b.processor({ images: [fixture("image0.png")], text: [ref.prompts[c]] });
+      const logits: Float32Array[] = [];
+      const g = resolveGeneration({ maxNewTokens: 10 }, m.defaults, b.model.config);
+      const out = await generateIds(m.runtime, { pixelValues: inputs.pixelValues!, inputIds: inputs.inputIds, attentionMask: inputs.attentionMask }, g, { onLogits: (l) => void logits.push(l) });
+      return { ids: out.sequences[0]!.slice(1), logits };
+    } finally {
+      await b.dispose();
+    }
+  }
+
+  // The DIFFERS greedy cases: the first new token that differs is one whose float32 top-1/top-2
+  // margin is under twice the quantized logits' largest error at that step, so rounding can swap them.
+  it.each([["q8", 0], ["q8", 1], ["q4", 1]] as const)("%s, prompt %i: at a step where float32's top two are closer than the quantization error", async (dtype, c) => {
+    expect(DIFFERS[`tiny-blip2-t5 ${dtype}`]).toContain(`${c}:greedy_ids`);
+    const exact = await greedy("fp32", c);
+    const low = await greedy(dtype, c);
+    const step = exact.ids.findIndex((id, i) => id !== low.ids[i]);
+    expect(step).toBeGreaterThanOrEqual(0);
+    const [top1, top2] = Array.from(exact.logits[step]!).sort((a, b) => b - a);
+    const error = Math.max(...Array.from(low.logits[step]!, (v, j) => Math.abs(v - exact.logits[step]![j]!)));
+    expect(top1! - top2!).toBeLessThan(2 * error);
+  });
+});
+
 describe("integer sessions", () => {
   it("prepack their weights (the integer kernels repack them on every run otherwise), float ones do not", async () => {
     const { Checkpoint } = await import("../src/io/checkpoint.js");

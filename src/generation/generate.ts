@@ -39,8 +39,8 @@ export interface GenerateHooks {
 }
 
 export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, hooks: GenerateHooks = {}): Promise<SearchResult> {
-  // Every session of a generation at once, rather than each on first use: ONNX Runtime packs their
-  // weights in parallel (first caption of T5-XL q4: 6.3 s of session creation instead of 12.5 s).
+  // Every session of a generation at once, rather than each on first use: the vision encoder's
+  // worker creates its session while the language model's are created (see Blip2Runtime.prepare).
   await rt.prepare();
   const batch = inputs.inputIds.length;
   const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, await imageFeatures(rt, inputs));
