@@ -5,7 +5,7 @@ import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { afterAll, describe, expect, it } from "vitest";
 import { Blip2, Blip2ForImageTextRetrieval, type GenerationOptions } from "../src/index.js";
-import { Graph } from "../src/ir/graph.js";
+import { Graph, type Value } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import * as op from "../src/ir/ops.js";
 import { floatToHalf } from "../src/io/safetensors.js";
@@ -25,7 +25,7 @@ function random(n: number, seed: number): Float32Array {
 }
 
 /** A graph of one linear layer in the given precision, run on rows `xs` [rows, k]. */
-async function runLinear(build: (g: Graph, x: ReturnType<Graph["input"]>) => ReturnType<Graph["input"]>, xs: Float32Array, rows: number, k: number): Promise<Float32Array> {
+async function runLinear(build: (g: Graph, x: Value) => Value, xs: Float32Array, rows: number, k: number): Promise<Float32Array> {
   const g = new Graph("linear");
   g.output(build(g, g.input("x", "float32", [rows, k])), "y");
   const session = await ort.InferenceSession.create(serializeGraph(g, { externalLocation: () => "" }));

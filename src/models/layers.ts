@@ -64,11 +64,12 @@ export function linearWith(p: Params, weightName: string, x: Value, inFeatures: 
  */
 export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | null): Value {
   const g = x.graph;
+  const zeroPoint = g.constant(Uint8Array.from([128]), "uint8", []);
   const y = op.byRows(x, codes.dim(1) as number, (rows) => {
     const peak = op.max(op.reduceMax(rows, [-1], false), op.neg(op.reduceMin(rows, [-1], false)));
     const rowScale = op.max(op.mul(peak, g.scalar(1 / 127)), g.scalar(1e-30));
-    const rowCodes = op.quantizeRows(rows, rowScale, op.expand(g.constant(Uint8Array.from([128]), "uint8", [1]), op.shapeOf(rowScale), rowScale.shape));
-    const sums = op.matMulIntegerToFloat(rowCodes, codes, g.scalar(1), scales, g.constant(Uint8Array.from([128]), "uint8", []));
+    const rowCodes = op.quantizeRows(rows, rowScale, op.expand(zeroPoint, op.shapeOf(rowScale), rowScale.shape));
+    const sums = op.matMulIntegerToFloat(rowCodes, codes, g.scalar(1), scales, zeroPoint);
     return op.mul(sums, op.unsqueeze(rowScale, [1]));
   });
   return bias ? op.add(y, bias) : y;
