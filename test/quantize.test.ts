@@ -5,7 +5,7 @@ import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { afterAll, describe, expect, it } from "vitest";
 import { Blip2, Blip2ForImageTextRetrieval, type GenerationOptions } from "../src/index.js";
-import { Graph, type Value } from "../src/ir/graph.js";
+import { Graph, type Target, type Value } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import * as op from "../src/ir/ops.js";
 import { floatToHalf } from "../src/io/safetensors.js";
@@ -25,10 +25,12 @@ function random(n: number, seed: number): Float32Array {
 }
 
 /** A graph of one linear layer in the given precision, run on rows `xs` [rows, k]. */
-async function runLinear(build: (g: Graph, x: Value) => Value, xs: Float32Array, rows: number, k: number): Promise<Float32Array> {
-  const g = new Graph("linear");
+async function runLinear(build: (g: Graph, x: Value) => Value, xs: Float32Array, rows: number, k: number, target: Target = "cpu"): Promise<Float32Array> {
+  const g = new Graph("linear", target);
   g.output(build(g, g.input("x", "float32", [rows, k])), "y");
-  const session = await ort.InferenceSession.create(serializeGraph(g, { externalLocation: () => "" }));
+  // A GPU graph runs here on the CPU without the extended optimizations: those would fuse its
+  // dequantized weight and product back into a dynamically quantized integer product (a CPU kernel).
+  const session = await ort.InferenceSession.create(serializeGraph(g, { externalLocation: () => "" }), { graphOptimizationLevel: target === "gpu" ? "basic" : "all" });
   return (await session.run({ x: new ort.Tensor("float32", xs, [rows, k]) })).y!.data as Float32Array;
 }
 
@@ -100,6 +102,31 @@ describe("8-bit channels", () => {
         expect(Math.abs(y[r * n + c]! - expected)).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(expected)));
       }
     }
+  });
+});
+
+describe("8-bit channels on a GPU", () => {
+  it("a GPU graph's 8-bit layer multiplies in float by the dequantized weight, with no integer kernels", async () => {
+    const n = 48;
+    const k = 96;
+    const rows = 3;
+    const q = quantizeChannels(random(n * k, 7), n, k);
+    const deq = dequantizeChannels(q);
+    const bias = random(n, 5);
+    const xs = random(rows * k, 11);
+    const ops = new Set<string>();
+    const y = await runLinear((g, x) => {
+      const out = linearInt8(x, g.constant(q.weight, "int8", [k, n]), g.constant(q.scales, "float32", [n]), g.constant(bias, "float32", [n]));
+      g.nodes.forEach((node) => ops.add(node.op));
+      return out;
+    }, xs, rows, k, "gpu");
+    expect(ops.has("DequantizeLinear") && !ops.has("QuantizeLinear") && !ops.has("MatMulIntegerToFloat")).toBe(true);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < n; c++) {
+        let expected = bias[c]!;
+        for (let i = 0; i < k; i++) expected += xs[r * k + i]! * deq[c * k + i]!;
+        expect(Math.abs(y[r * n + c]! - expected)).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(expected)));
+      }
   });
 });
 

@@ -73,6 +73,13 @@ async function webgpuWorks(): Promise<boolean> {
 const gpu = await webgpuWorks();
 
 describe("devices", () => {
+  it("on a GPU every session shares one worker thread; on the CPU the vision encoder's has its own", async () => {
+    const { sessionThread, visionSessionOptions } = await import("../src/runtime/session.js");
+    const vision = visionSessionOptions("q8");
+    expect([sessionThread(vision, "cpu"), sessionThread({}, "cpu")]).toEqual(["image", "main"]);
+    expect([sessionThread(vision, "webgpu"), sessionThread(vision, "cuda"), sessionThread({}, "webgpu")]).toEqual(["main", "main", "main"]);
+  });
+
   it.skipIf(gpu)("an unavailable device falls back to the CPU with one warning", async () => {
     const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
     const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));

@@ -74,6 +74,13 @@ export interface GraphInput {
 
 const SAFE_TO_IR: Record<string, DType> = { F32: "float32", F16: "float16", BF16: "bfloat16", I64: "int64", I32: "int32", I8: "int8", U8: "uint8", BOOL: "bool" };
 
+/**
+ * What a graph is built for. ONNX Runtime's CPU kernels multiply 8-bit weights in integer
+ * arithmetic; its GPU providers have no such kernels (WebGPU ran them on the CPU, and failed on
+ * their uint8 zero points), so a "gpu" graph widens 8-bit weights to float32 on the device instead.
+ */
+export type Target = "cpu" | "gpu";
+
 export class Graph {
   readonly nodes: Node[] = [];
   readonly inputs: Value[] = [];
@@ -86,7 +93,10 @@ export class Graph {
   /** The checkpoint tensor each weight value stands for (casts included). */
   readonly weightNames = new Map<Value, string>();
 
-  constructor(readonly name: string) {}
+  constructor(
+    readonly name: string,
+    readonly target: Target = "cpu",
+  ) {}
 
   /** A fresh unique value name with a readable prefix. */
   uniqueName(prefix: string): string {

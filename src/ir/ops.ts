@@ -327,6 +327,14 @@ export function quantizeRows(x: Value, scales: Value, zeroPoints: Value): Value 
   return node(op, [x, scales, zeroPoints], { axis: attr.int(0) }, "uint8", x.shape);
 }
 
+/** ONNX's DequantizeLinear with one scale per column of an int8 matrix `codes` [K, N] (axis 1): codes x scale. */
+export function dequantizeColumns(codes: Value, scales: Value): Value {
+  const op = "DequantizeLinear";
+  if (codes.rank !== 2 || codes.dtype !== "int8") fail(op, `expects an int8 matrix, got ${codes.name} ${fmt(codes.shape)} ${codes.dtype}`);
+  if (scales.rank !== 1 || scales.dim(0) !== codes.dim(1)) fail(op, `scales ${scales.name} ${fmt(scales.shape)} are not one per column of ${codes.name} ${fmt(codes.shape)}`);
+  return node(op, [codes, scales], { axis: attr.int(1) }, "float32", codes.shape);
+}
+
 /**
  * ONNX Runtime's com.microsoft.MatMulIntegerToFloat: (a - aZeroPoint) @ b in int32 sums, times
  * aScale (a scalar) and bScale (one per column of b), as float32. `a` is a uint8 matrix [M, K], `b`

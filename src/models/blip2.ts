@@ -5,7 +5,7 @@
  */
 import type { Blip2Config, OptConfig, T5Config } from "../config.js";
 import type { Checkpoint } from "../io/checkpoint.js";
-import { Graph, type Value } from "../ir/graph.js";
+import { Graph, type Target, type Value } from "../ir/graph.js";
 import { Params, expandToBatch, linearLayer } from "./layers.js";
 import { optDecoder, optEmbedTokens, pastInputs } from "./opt.js";
 import { qformer } from "./qformer.js";
@@ -15,6 +15,8 @@ import { visionEncoder } from "./vision.js";
 export interface GraphOptions {
   /** Also output every layer's hidden states (for parity checks and the `dump` command). */
   hiddenStates?: boolean;
+  /** The device kind the graph runs on (see Graph's Target); default "cpu". */
+  target?: Target;
 }
 
 /** The new positions' keys and values, for the caller's cache (runtime/kvCache.ts). */
@@ -35,7 +37,7 @@ function outputList(g: Graph, name: string, values: Value[]): void {
  */
 export function imageGraph(ckpt: Checkpoint, options: GraphOptions & { project: boolean }): Graph {
   const cfg = ckpt.config;
-  const { g, root, vision, queries } = visionAndQueries(ckpt, "image");
+  const { g, root, vision, queries } = visionAndQueries(ckpt, "image", options.target);
   if (options.project) {
     const d = cfg.qformer.hiddenSize;
     g.output(linearLayer(root.at("language_projection"), queries.lastHiddenState, d, textHiddenSize(cfg)), "language_model_inputs");
@@ -51,9 +53,9 @@ export function imageGraph(ckpt: Checkpoint, options: GraphOptions & { project: 
  * A graph from pixel_values [B, 3, H, W] through the vision encoder and the Q-Former's queries,
  * with their outputs (`vision_last_hidden_state`, `vision_pooler_output`, `qformer_last_hidden_state`).
  */
-export function visionAndQueries(ckpt: Checkpoint, name: string) {
+export function visionAndQueries(ckpt: Checkpoint, name: string, target?: Target) {
   const cfg = ckpt.config;
-  const g = new Graph(name);
+  const g = new Graph(name, target);
   const root = new Params(g, ckpt);
   const size = cfg.vision.imageSize;
   const pixels = g.input("pixel_values", "float32", ["batch", 3, size, size]);
@@ -82,9 +84,9 @@ export function textHiddenSize(cfg: Blip2Config): number {
 }
 
 /** input_ids [B, S] -> the language model's token embeddings [B, S, D]. */
-export function embedGraph(ckpt: Checkpoint): Graph {
+export function embedGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph {
   const text = ckpt.config.text;
-  const g = new Graph("embed_tokens");
+  const g = new Graph("embed_tokens", options.target);
   const ids = g.input("input_ids", "int64", ["batch", "length"]);
   const root = new Params(g, ckpt, "language_model.");
   g.output(text.modelType === "opt" ? optEmbedTokens(root.at("model.decoder"), text, ids) : t5EmbedTokens(root, text, ids), "inputs_embeds");
@@ -93,7 +95,7 @@ export function embedGraph(ckpt: Checkpoint): Graph {
 
 /** One OPT pass over new positions with the key/value cache. */
 export function optDecoderGraph(ckpt: Checkpoint, cfg: OptConfig, options: GraphOptions = {}): Graph {
-  const g = new Graph("opt_decoder");
+  const g = new Graph("opt_decoder", options.target);
   const embeds = g.input("inputs_embeds", "float32", ["batch", "length", cfg.wordEmbedProjDim]);
   const mask = g.input("attention_mask", "int64", ["batch", "total"]);
   const past = pastInputs(g, cfg);
@@ -107,7 +109,7 @@ export function optDecoderGraph(ckpt: Checkpoint, cfg: OptConfig, options: Graph
 }
 
 export function t5EncoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOptions = {}): Graph {
-  const g = new Graph("t5_encoder");
+  const g = new Graph("t5_encoder", options.target);
   const embeds = g.input("inputs_embeds", "float32", ["batch", "length", cfg.dModel]);
   const mask = g.input("attention_mask", "int64", ["batch", "length"]);
   const buckets = g.input("position_buckets", "int64", ["length", "length"]);
@@ -117,8 +119,8 @@ export function t5EncoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOp
   return g;
 }
 
-export function t5CrossGraph(ckpt: Checkpoint, cfg: T5Config): Graph {
-  const g = new Graph("t5_cross_key_values");
+export function t5CrossGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOptions = {}): Graph {
+  const g = new Graph("t5_cross_key_values", options.target);
   const hidden = g.input("encoder_hidden_states", "float32", ["batch", "encoder_length", cfg.dModel]);
   t5CrossKeyValues(new Params(g, ckpt, "language_model."), cfg, hidden).forEach((kv, i) => {
     g.output(kv.key, `cross.${i}.key`);
@@ -128,7 +130,7 @@ export function t5CrossGraph(ckpt: Checkpoint, cfg: T5Config): Graph {
 }
 
 export function t5DecoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOptions = {}): Graph {
-  const g = new Graph("t5_decoder");
+  const g = new Graph("t5_decoder", options.target);
   const ids = g.input("decoder_input_ids", "int64", ["batch", "length"]);
   const buckets = g.input("position_buckets", "int64", ["length", "total"]);
   const mask = g.input("attention_mask", "int64", ["batch", "total"]);

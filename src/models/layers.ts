@@ -60,10 +60,16 @@ export function linearWith(p: Params, weightName: string, x: Value, inFeatures: 
  * its own scale (so a row's result never depends on the other rows of a batch), as uint8 codes
  * around 128; the int32 sums come back as floats times the channel's scale, then the row's. On CPUs
  * with int8 matrix units (AMX) this ran 2.3-3.8x faster than MatMulNBits's 8-bit blocks for the 257
- * rows of an image, and as fast for one row.
+ * rows of an image, and as fast for one row. A graph for a GPU widens the weight to float32 on the
+ * device instead and multiplies in float (see Graph's Target).
  */
 export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | null): Value {
   const g = x.graph;
+  if (g.target === "gpu") {
+    const weight = op.dequantizeColumns(codes, scales);
+    const y = op.byRows(x, codes.dim(1) as number, (rows) => op.matmul(rows, weight));
+    return bias ? op.add(y, bias) : y;
+  }
   const zeroPoint = g.constant(Uint8Array.from([128]), "uint8", []);
   const y = op.byRows(x, codes.dim(1) as number, (rows) => {
     const peak = op.max(op.reduceMax(rows, [-1], false), op.neg(op.reduceMin(rows, [-1], false)));

@@ -8,7 +8,7 @@
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Graph, type Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { visionAndQueries } from "./blip2.js";
+import { visionAndQueries, type GraphOptions } from "./blip2.js";
 import { expandToBatch, linearLayer, Params } from "./layers.js";
 import { qformer, qformerTextEmbeddings } from "./qformer.js";
 
@@ -20,17 +20,17 @@ function normalize(x: Value): Value {
 }
 
 /** pixel_values -> image embeddings for ITM and normalized per-query ITC embeddings. */
-export function retrievalImageGraph(ckpt: Checkpoint): Graph {
+export function retrievalImageGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph {
   const cfg = ckpt.config;
-  const { g, root, queries } = visionAndQueries(ckpt, "retrieval_image");
+  const { g, root, queries } = visionAndQueries(ckpt, "retrieval_image", options.target);
   g.output(normalize(linearLayer(root.at("vision_projection"), queries.lastHiddenState, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize)), "image_embeds");
   return g;
 }
 
 /** input_ids, attention_mask -> normalized ITC text embeddings from the [CLS] position. */
-export function retrievalTextGraph(ckpt: Checkpoint): Graph {
+export function retrievalTextGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph {
   const cfg = ckpt.config;
-  const g = new Graph("retrieval_text");
+  const g = new Graph("retrieval_text", options.target);
   const root = new Params(g, ckpt);
   const ids = g.input("input_ids", "int64", ["batch", "length"]);
   const mask = g.input("attention_mask", "int64", ["batch", "length"]);
@@ -48,9 +48,9 @@ export function retrievalTextGraph(ckpt: Checkpoint): Graph {
 }
 
 /** (image embeddings, text) pairs -> ITM [no-match, match] logits averaged over the queries. */
-export function itmGraph(ckpt: Checkpoint): Graph {
+export function itmGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph {
   const cfg = ckpt.config;
-  const g = new Graph("itm");
+  const g = new Graph("itm", options.target);
   const root = new Params(g, ckpt);
   const patches = (cfg.vision.imageSize / cfg.vision.patchSize) ** 2 + 1;
   const imageEmbeds = g.input("image_embeds", "float32", ["batch", patches, cfg.vision.hiddenSize]);

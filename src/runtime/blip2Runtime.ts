@@ -9,7 +9,7 @@ import { warnOnce } from "../warn.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
-import type { Graph } from "../ir/graph.js";
+import type { Graph, Target } from "../ir/graph.js";
 import { isQuantized } from "../quantize/dtype.js";
 import { runImages, SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions, type SessionOptions } from "./session.js";
 
@@ -31,12 +31,12 @@ export class Blip2Runtime {
   }
 
   /** The graphs this checkpoint runs as, by session name. */
-  private graphs(): Record<string, () => Graph> {
+  private graphs(): Record<string, (target: Target) => Graph> {
     const ck = this.checkpoint;
-    const o = this.options;
-    const common = { image: () => imageGraph(ck, { project: true, hiddenStates: o.hiddenStates }), embed: () => embedGraph(ck) };
-    if (this.config.text.modelType === "opt") return { ...common, opt_decoder: () => optDecoderGraph(ck, this.opt, o) };
-    return { ...common, t5_encoder: () => t5EncoderGraph(ck, this.t5, o), t5_cross: () => t5CrossGraph(ck, this.t5), t5_decoder: () => t5DecoderGraph(ck, this.t5, o) };
+    const o = (target: Target) => ({ hiddenStates: this.options.hiddenStates, target });
+    const common = { image: (t: Target) => imageGraph(ck, { ...o(t), project: true }), embed: (t: Target) => embedGraph(ck, o(t)) };
+    if (this.config.text.modelType === "opt") return { ...common, opt_decoder: (t) => optDecoderGraph(ck, this.opt, o(t)) };
+    return { ...common, t5_encoder: (t) => t5EncoderGraph(ck, this.t5, o(t)), t5_cross: (t) => t5CrossGraph(ck, this.t5, o(t)), t5_decoder: (t) => t5DecoderGraph(ck, this.t5, o(t)) };
   }
 
   private session(name: string): Promise<CompiledGraph> {

@@ -22,20 +22,20 @@ export class RetrievalRuntime {
 
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
-    const s = await this.sessions.get("image", () => retrievalImageGraph(this.checkpoint), visionSessionOptions(this.checkpoint.dtypes.vision));
+    const s = await this.sessions.get("image", (target) => retrievalImageGraph(this.checkpoint, { target }), visionSessionOptions(this.checkpoint.dtypes.vision));
     return runImages(s, pixelValues, batch, this.checkpoint.config.vision.imageSize, this.options.device ?? "cpu");
   }
 
   /** Padded token ids -> `text_embeds` [T, E] (normalized). */
   async texts(inputIds: number[][], attentionMask: number[][]): Promise<Tensors> {
-    const s = await this.sessions.get("text", () => retrievalTextGraph(this.checkpoint));
+    const s = await this.sessions.get("text", (target) => retrievalTextGraph(this.checkpoint, { target }));
     const dims = [inputIds.length, inputIds[0]!.length];
     return s.run({ input_ids: tensor.i64(inputIds.flat(), dims), attention_mask: tensor.i64(attentionMask.flat(), dims) });
   }
 
   /** ITM logits [P, 2] for P (image features, text) pairs, one image feature tensor per pair. */
   async itm(imageEmbeds: ort.Tensor, inputIds: number[][], attentionMask: number[][]): Promise<Tensors> {
-    const s = await this.sessions.get("itm", () => itmGraph(this.checkpoint));
+    const s = await this.sessions.get("itm", (target) => itmGraph(this.checkpoint, { target }));
     const dims = [inputIds.length, inputIds[0]!.length];
     return s.run({ image_embeds: imageEmbeds, input_ids: tensor.i64(inputIds.flat(), dims), attention_mask: tensor.i64(attentionMask.flat(), dims) });
   }

@@ -10,7 +10,7 @@ import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
 import type { Worker } from "node:worker_threads";
-import { Graph } from "../ir/graph.js";
+import { Graph, type Target } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
@@ -146,13 +146,21 @@ let localHost: LocalHost | null = null;
 const workerHosts = new Map<string, WorkerHost>();
 let nextId = 0;
 
-function hostFor(options: RuntimeOptions & SessionOptions): Host {
+function hostFor(options: RuntimeOptions & SessionOptions, device: Device): Host {
   if (options.worker === false) return (localHost ??= new LocalHost());
-  const thread = options.thread ?? "main";
+  const thread = sessionThread(options, device);
   let host = workerHosts.get(thread);
   if (!host) workerHosts.set(thread, (host = new WorkerHost()));
   return host;
 }
+
+/**
+ * The worker thread a session lives in. On a GPU every session shares one: ONNX Runtime's GPU
+ * providers drive one device context per process, which two threads must not use at once (on an
+ * H200, WebGPU sessions created in two threads failed with "CommandEncoder is already finished",
+ * then crashed).
+ */
+export const sessionThread = (options: SessionOptions, device: Device): string => (device === "cpu" ? (options.thread ?? "main") : "main");
 
 const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
 
@@ -192,7 +200,7 @@ export class CompiledGraph {
         },
       },
     };
-    const host = hostFor(options);
+    const host = hostFor(options, device);
     const id = ++nextId;
     await host.create(id, graph.name, bytes, sessionOptions);
     return new CompiledGraph(graph.name, host, id);
@@ -331,10 +339,12 @@ export class SessionCache {
 
   constructor(private readonly options: RuntimeOptions) {}
 
-  get(name: string, build: () => Graph, options: SessionOptions = {}): Promise<CompiledGraph> {
+  /** The named session; `build` makes its graph for the kind of device the sessions run on. */
+  get(name: string, build: (target: Target) => Graph, options: SessionOptions = {}): Promise<CompiledGraph> {
     let s = this.sessions.get(name);
     if (!s) {
-      s = CompiledGraph.create(build(), { ...this.options, ...options });
+      const o = { ...this.options, ...options };
+      s = usableDevice(o.device ?? "cpu").then((device) => CompiledGraph.create(build(device === "cpu" ? "cpu" : "gpu"), o));
       this.sessions.set(name, s);
       // A failed creation is not cached: the next call tries again.
       s.catch(() => this.sessions.delete(name));
