@@ -140,3 +140,11 @@ describe("garbage collection in the inference worker", () => {
     expect(held - process.memoryUsage().arrayBuffers).toBeGreaterThanOrEqual(200 * MB);
   });
 });
+
+describe("key/value cache", () => {
+  it("has at least one slot: zero-length past inputs crashed ONNX Runtime's WebGPU provider", async () => {
+    const { KvCache } = await import("../src/runtime/kvCache.js");
+    expect(() => new KvCache({ layers: 1, rows: 1, heads: 1, capacity: 0, headDim: 4 })).toThrow(/at least one slot, got 0/);
+    expect(new KvCache({ layers: 1, rows: 2, heads: 1, capacity: 1, headDim: 4 }).tensors["past.0.key"]!.dims).toEqual([2, 1, 1, 4]);
+  });
+});

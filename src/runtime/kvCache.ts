@@ -30,6 +30,9 @@ export class KvCache {
 
   constructor(readonly shape: CacheShape) {
     const { layers, rows, heads, capacity, headDim } = shape;
+    // Never empty: ONNX Runtime's WebGPU provider crashed (SIGSEGV, on an H200) on T5's zero-length
+    // past inputs. A single pass holds its own positions instead.
+    if (!(capacity >= 1)) throw new Blip2Error(`internal: a key/value cache needs at least one slot, got ${capacity}`);
     const size = rows * heads * capacity * headDim;
     for (let i = 0; i < layers; i++) {
       for (const kind of ["key", "value"]) this.tensors[`past.${i}.${kind}`] = new ort.Tensor("float32", new Float32Array(size), [rows, heads, capacity, headDim]);

@@ -39,12 +39,12 @@ export class SessionHost {
     const runRows = async (first: number, count: number) => {
       const rowMask = mask.slice(first, first + count);
       const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, byRow, first, count), ...cache.inputs(rowMask, first) });
-      if (cache.capacity) cache.write(outputs, rowMask, first);
+      cache.write(outputs, rowMask, first);
       for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
       return outputs;
     };
     const outputs = byRow && mask.length > 1 ? await joinRows(mask.length, (r) => runRows(r, 1)) : await runRows(0, mask.length);
-    if (cache.capacity) cache.advance(mask[0]!.length);
+    cache.advance(mask[0]!.length);
     return outputs;
   }
 

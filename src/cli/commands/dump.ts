@@ -76,13 +76,13 @@ async function logits(rt: Blip2Runtime, inputIds: number[][], attentionMask: num
   const text = rt.config.text;
   if (text.modelType === "opt") {
     if (decoderIds) throw new UsageError("dump: --decoder-input-ids applies to T5 checkpoints only");
-    return (await rt.optDecode(embeds, mask, await rt.newCache(1, 0))).logits!;
+    return (await rt.optDecode(embeds, mask, await rt.newCache(embeds.dims[0]!, embeds.dims[1]!))).logits!;
   }
   const encoder = await rt.t5Encode(embeds, mask);
   const ids = decoderIds ?? [text.decoderStartTokenId];
   const bad = ids.find((i) => i >= text.vocabSize);
   if (bad !== undefined) throw new UsageError(`dump: decoder input id ${bad} is outside the vocabulary (size ${text.vocabSize})`);
-  return (await rt.t5Decode([ids], mask, await rt.t5Cache(encoder.last_hidden_state!, 0))).logits!;
+  return (await rt.t5Decode([ids], mask, await rt.t5Cache(encoder.last_hidden_state!, ids.length))).logits!;
 }
 
 function parseIds(text: string | undefined): number[] | null {
