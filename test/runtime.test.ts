@@ -74,8 +74,7 @@ const gpu = await webgpuWorks();
 
 describe("devices", () => {
   it("on a GPU every session shares one worker thread; on the CPU the vision encoder's has its own", async () => {
-    const { sessionThread, visionSessionOptions } = await import("../src/runtime/session.js");
-    const vision = visionSessionOptions("q8");
+    const { sessionThread, VISION_SESSION: vision } = await import("../src/runtime/session.js");
     expect([sessionThread(vision, "cpu"), sessionThread({}, "cpu")]).toEqual(["image", "main"]);
     expect([sessionThread(vision, "webgpu"), sessionThread(vision, "cuda"), sessionThread({}, "webgpu")]).toEqual(["main", "main", "main"]);
   });

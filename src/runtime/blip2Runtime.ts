@@ -11,7 +11,7 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph, Target } from "../ir/graph.js";
 import { isQuantized } from "../quantize/dtype.js";
-import { runImages, SessionCache, tensor, visionSessionOptions, type CacheHandle, type CompiledGraph, type RuntimeOptions, type SessionOptions } from "./session.js";
+import { runImages, SessionCache, tensor, VISION_SESSION, type CacheHandle, type CompiledGraph, type RuntimeOptions, type SessionOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
 
@@ -52,14 +52,14 @@ export class Blip2Runtime {
    * captions). The decoder steps keep it (see RuntimeOptions.arena).
    */
   private sessionOptions(name: string): SessionOptions {
-    if (name === "image") return visionSessionOptions(this.checkpoint.dtypes.vision);
+    if (name === "image") return VISION_SESSION;
     return name === "t5_encoder" || name === "t5_cross" ? { arena: false } : {};
   }
 
   /**
    * Creates every session now. ONNX Runtime creates a session synchronously in the thread that
    * asks, so those of one worker thread are created one after the other; the vision encoder's has
-   * a worker of its own (see visionSessionOptions) and is created beside the others.
+   * a worker of its own (see VISION_SESSION) and is created beside the others.
    */
   async prepare(): Promise<void> {
     await Promise.all(Object.keys(this.graphs()).map((name) => this.session(name)));

@@ -4,7 +4,7 @@ import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import type { Tensors } from "./blip2Runtime.js";
-import { runImages, SessionCache, tensor, visionSessionOptions, type RuntimeOptions } from "./session.js";
+import { runImages, SessionCache, tensor, VISION_SESSION, type RuntimeOptions } from "./session.js";
 
 export class RetrievalRuntime {
   private readonly sessions: SessionCache;
@@ -22,7 +22,7 @@ export class RetrievalRuntime {
 
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
-    const s = await this.sessions.get("image", (target) => retrievalImageGraph(this.checkpoint, { target }), visionSessionOptions(this.checkpoint.dtypes.vision));
+    const s = await this.sessions.get("image", (target) => retrievalImageGraph(this.checkpoint, { target }), VISION_SESSION);
     return runImages(s, pixelValues, batch, this.checkpoint.config.vision.imageSize, this.options.device ?? "cpu");
   }
 

@@ -14,7 +14,6 @@ import { Graph, type Target } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
-import { isQuantized, type WeightDType } from "../quantize/dtype.js";
 import { rowView, type CacheShape } from "./kvCache.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
@@ -35,7 +34,7 @@ export interface RuntimeOptions {
   /**
    * Keep ONNX Runtime's memory arena (default true): freed activations stay with the session for
    * the next run, which decoding steps need (without it a q8 decode step took ~25% longer). See
-   * visionSessionOptions for the sessions that turn it off.
+   * Blip2Runtime.sessionOptions for the sessions that turn it off (T5's once-per-prompt encoder passes).
    */
   arena?: boolean;
 }
@@ -313,12 +312,12 @@ export const tensor = {
 
 /**
  * Options of a session running the vision encoder: a worker thread of its own (created beside the
- * language model's sessions; OPT-2.7B q8 loaded in 7.1-7.4 s against 10-19 s in one thread). With
- * quantized weights it drops the memory arena: measured, 0.25-0.3 GB less peak private memory at
- * the same time per image (activations, hundreds of MB at batch 4, are not held between images).
- * With float32 weights the benchmark's private memory grew instead, so those keep it.
+ * language model's sessions; OPT-2.7B q8 loaded in 7.1-7.4 s against 10-19 s in one thread). It
+ * keeps the memory arena: without it, about one Flan-T5-XL q8 bench run in five peaked 0.5 GB
+ * higher during the image runs (1.18-1.19x the weights against 1.07-1.09x; none in 16 runs with
+ * it), while OPT-2.7B q8 peaked the same either way (1.02-1.03x) at the same speed.
  */
-export const visionSessionOptions = (visionDType: WeightDType): SessionOptions => ({ arena: !isQuantized(visionDType), thread: "image" });
+export const VISION_SESSION: SessionOptions = { thread: "image" };
 
 /**
  * Runs a graph from `pixel_values` [B, 3, size, size] whose outputs are all [B, ...]. On the CPU
@@ -329,7 +328,7 @@ export async function runImages(s: CompiledGraph, pixelValues: Float32Array, bat
   const expected = batch * 3 * size * size;
   if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
   const pixels = tensor.f32(pixelValues, [batch, 3, size, size]);
-  if (device !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
+  if ((await usableDevice(device)) !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
   return joinRows(batch, (b) => s.run({ pixel_values: rowView(pixels, b, 1) }));
 }
 
