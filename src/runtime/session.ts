@@ -156,8 +156,9 @@ function hostFor(options: RuntimeOptions & SessionOptions, device: Device): Host
 /**
  * The worker thread a session lives in. On a GPU every session shares one: ONNX Runtime's GPU
  * providers drive one device context per process, which two threads must not use at once. On an
- * H200, with the vision encoder's session in a worker of its own, both full-size WebGPU loads tried
- * failed with "CommandEncoder is already finished" and crashed; in one worker, 16 of 17 passed.
+ * H200, with the vision encoder's session in a worker of its own, both WebGPU loads tried (a tiny
+ * and a full-size model) failed with "CommandEncoder is already finished" and crashed; in one
+ * worker, 16 of 17 full-size loads passed.
  */
 export const sessionThread = (options: SessionOptions, device: Device): string => (device === "cpu" ? (options.thread ?? "main") : "main");
 
