@@ -34,7 +34,11 @@ const timed = async <T>(f: () => Promise<T>): Promise<[T, number]> => {
 };
 
 async function captions(name: string, dtype: (typeof dtypes)[number], on: Device) {
-  const [model, loadMs] = await timed(() => Blip2.load(fixture(name), { device: on, dtype, blip2Cache }));
+  const [model, loadMs] = await timed(async () => {
+    const m = await Blip2.load(fixture(name), { device: on, dtype, blip2Cache });
+    await m.model.prepare(); // sessions are otherwise created on first use
+    return m;
+  });
   const [ids, runMs] = await timed(async () => ({
     greedy: (await model.captionAll(images, { maxNewTokens: 10 })).map((r) => r.ids),
     beam: (await model.captionAll(images, { maxNewTokens: 10, numBeams: 3, prompt: "a photo of" })).map((r) => r.ids),
