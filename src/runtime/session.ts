@@ -191,6 +191,9 @@ export class CompiledGraph {
       // Nodes the device cannot run fall back to the CPU.
       executionProviders: device === "cpu" ? ["cpu"] : [device, "cpu"],
       graphOptimizationLevel: "all",
+      // Errors only: on a GPU, ONNX Runtime warns for every session that shape computations run on
+      // the CPU (as intended); blip2 reports what the user must know itself.
+      logSeverityLevel: 3,
       enableCpuMemArena: options.arena ?? true,
       ...(options.threads ? { intraOpNumThreads: options.threads, interOpNumThreads: 1 } : {}),
       extra: {
