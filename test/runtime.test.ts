@@ -90,6 +90,21 @@ describe("devices", () => {
     warn.mockRestore();
   });
 
+  // After the fallback test above: the device probe (and its one warning) is process-wide.
+  it("graphs are built for the device the sessions run on: the GPU where it works, else the CPU", async () => {
+    const { SessionCache } = await import("../src/runtime/session.js");
+    const targets: string[] = [];
+    const sessions = new SessionCache({ device: "webgpu" });
+    await sessions.get("probe", (target) => {
+      targets.push(target);
+      const g = new Graph("probe", target);
+      g.output(op.relu(g.input("x", "float32", [1])), "y");
+      return g;
+    });
+    expect(targets).toEqual([gpu ? "gpu" : "cpu"]);
+    await sessions.release();
+  });
+
   // Where a GPU is present (not in CI), the tiny fixtures must match transformers within 1e-3 on WebGPU.
   it.skipIf(!gpu)("webgpu: the tiny OPT and T5 models within 1e-3 of transformers", async () => {
     const { loadReference, expectClose } = await import("./helpers.js");
