@@ -66,8 +66,7 @@ export function linearWith(p: Params, weightName: string, x: Value, inFeatures: 
 export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | null): Value {
   const g = x.graph;
   if (g.target === "gpu") {
-    const weight = op.dequantizeColumns(codes, scales);
-    const y = op.byRows(x, codes.dim(1) as number, (rows) => op.matmul(rows, weight));
+    const y = op.matmul(x, op.dequantizeColumns(codes, scales));
     return bias ? op.add(y, bias) : y;
   }
   const zeroPoint = g.constant(Uint8Array.from([128]), "uint8", []);

@@ -67,7 +67,7 @@ export class Blip2Runtime {
 
   /** pixel_values [B, 3, H, W] -> language_model_inputs and the vision/Q-Former outputs. */
   async image(pixelValues: Float32Array, batch: number): Promise<Tensors> {
-    return runImages(await this.session("image"), pixelValues, batch, this.config.vision.imageSize, this.options.device ?? "cpu");
+    return runImages(await this.session("image"), pixelValues, batch, this.config.vision.imageSize);
   }
 
   /** Token ids -> the language model's input embeddings. */

@@ -23,7 +23,7 @@ export class RetrievalRuntime {
   /** pixel_values [B, 3, H, W] -> `image_embeds` [B, Q, E] (normalized) and `vision_last_hidden_state`. */
   async images(pixelValues: Float32Array, batch: number): Promise<Tensors> {
     const s = await this.sessions.get("image", (target) => retrievalImageGraph(this.checkpoint, { target }), VISION_SESSION);
-    return runImages(s, pixelValues, batch, this.checkpoint.config.vision.imageSize, this.options.device ?? "cpu");
+    return runImages(s, pixelValues, batch, this.checkpoint.config.vision.imageSize);
   }
 
   /** Padded token ids -> `text_embeds` [T, E] (normalized). */

@@ -177,6 +177,8 @@ export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEG
 export class CompiledGraph {
   private constructor(
     readonly name: string,
+    /** Where it runs: the device asked for, or the CPU it fell back to. */
+    readonly device: Device,
     private readonly host: Host,
     private readonly id: number,
   ) {}
@@ -206,7 +208,7 @@ export class CompiledGraph {
     const host = hostFor(options, device);
     const id = ++nextId;
     await host.create(id, graph.name, bytes, sessionOptions);
-    return new CompiledGraph(graph.name, host, id);
+    return new CompiledGraph(graph.name, device, host, id);
   }
 
   /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
@@ -328,11 +330,11 @@ export const VISION_SESSION: SessionOptions = { thread: "image" };
  * the images go through one at a time: the vision encoder is compute-bound (257 tokens per image),
  * so a batch is no faster per image, while its activations take B times the memory.
  */
-export async function runImages(s: CompiledGraph, pixelValues: Float32Array, batch: number, size: number, device: Device): Promise<Record<string, ort.Tensor>> {
+export async function runImages(s: CompiledGraph, pixelValues: Float32Array, batch: number, size: number): Promise<Record<string, ort.Tensor>> {
   const expected = batch * 3 * size * size;
   if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
   const pixels = tensor.f32(pixelValues, [batch, 3, size, size]);
-  if ((await usableDevice(device)) !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
+  if (s.device !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
   return joinRows(batch, (b) => s.run({ pixel_values: rowView(pixels, b, 1) }));
 }
 
