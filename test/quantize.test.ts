@@ -414,7 +414,7 @@ describe("conversion", () => {
     expect(fs.existsSync(path.join(out, "blip2_weights.json"))).toBe(true);
     expect(fs.existsSync(path.join(out, "tokenizer.json"))).toBe(true);
     const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
-    const b = await Blip2.load(out);
+    const b = await Blip2.load(out, { blip2Cache: cache });
     loaded.push(b);
     expect(b.model.checkpoint.dtypes).toEqual({ vision: "q8", qformer: "q8", language: "q4" });
     const [res] = await b.captionAll([fixture("image0.png")], { maxNewTokens: 10 });

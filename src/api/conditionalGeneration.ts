@@ -9,7 +9,7 @@ import { generationDefaults, resolveGeneration, type GenerationOptions } from ".
 import type { SearchResult } from "../generation/search.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Runtime } from "../runtime/blip2Runtime.js";
-import { loadCheckpoint, type ModelLoadOptions } from "./load.js";
+import { loadCheckpoint, runtimeOptions, type ModelLoadOptions } from "./load.js";
 
 export type { ModelLoadOptions };
 
@@ -34,7 +34,7 @@ export class Blip2ForConditionalGeneration {
     if (checkpoint.config.architectures.includes("Blip2ForImageTextRetrieval")) {
       throw new Blip2Error(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`);
     }
-    return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, { device: options.device, threads: options.threads, worker: options.worker }));
+    return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, runtimeOptions(options)));
   }
 
   get config() {

@@ -4,7 +4,9 @@ import { Checkpoint } from "../io/checkpoint.js";
 import type { ProcessorLoadOptions } from "../processor.js";
 import { resolveDTypes, type DTypeSpec } from "../quantize/dtype.js";
 import { withDTypes, type QuantizeProgress } from "../quantize/quantize.js";
-import type { Device } from "../runtime/session.js";
+import { blip2CacheDir } from "../quantize/weightCache.js";
+import { packedRoot } from "../runtime/packedModels.js";
+import type { Device, RuntimeOptions } from "../runtime/session.js";
 
 export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
   /**
@@ -23,6 +25,19 @@ export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
   blip2Cache?: string;
   /** Told how the one-time conversion of weights to `dtype` advances. */
   conversionProgress?: (p: QuantizeProgress) => void;
+  /**
+   * Keep ONNX Runtime's packed q8/q4 weights in the blip2 cache (default true): the first load on a
+   * machine saves them (as large again as the converted weights), later loads map them from disk
+   * instead of packing them into private memory (Flan-T5-XL q8: private memory 0.4 GB against 4.2
+   * GB). On the CPU only.
+   */
+  packedWeights?: boolean;
+}
+
+/** How the model's sessions run. */
+export function runtimeOptions(options: ModelLoadOptions): RuntimeOptions {
+  const packedDir = options.packedWeights === false ? undefined : packedRoot(blip2CacheDir(options.blip2Cache));
+  return { device: options.device, threads: options.threads, worker: options.worker, packedDir };
 }
 
 export async function loadCheckpoint(src: string, options: ModelLoadOptions): Promise<Checkpoint> {

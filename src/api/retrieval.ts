@@ -11,7 +11,7 @@ import { Blip2Processor } from "../processor.js";
 import { itcSimilarity, RetrievalRuntime } from "../runtime/retrievalRuntime.js";
 import { tensor } from "../runtime/session.js";
 import { warnOnce } from "../warn.js";
-import { loadCheckpoint, type ModelLoadOptions } from "./load.js";
+import { loadCheckpoint, runtimeOptions, type ModelLoadOptions } from "./load.js";
 
 /** Row-major embeddings: `data` holds `dims[0]` rows of `dims.slice(1)` values. */
 export interface Embeddings {
@@ -40,7 +40,7 @@ export class Blip2ForImageTextRetrieval {
 
   static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForImageTextRetrieval> {
     const checkpoint = await loadCheckpoint(src, options);
-    const runtime = new RetrievalRuntime(checkpoint, { device: options.device, threads: options.threads, worker: options.worker });
+    const runtime = new RetrievalRuntime(checkpoint, runtimeOptions(options));
     return new Blip2ForImageTextRetrieval(checkpoint, await Blip2Processor.fromDirectory(checkpoint.dir, checkpoint.config, options), runtime);
   }
 

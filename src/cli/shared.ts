@@ -16,6 +16,7 @@ export const modelOptions: OptionSpec = {
   threads: { type: "string" },
   device: { type: "string" },
   "image-backend": { type: "string" },
+  "no-packed-cache": { type: "boolean" },
   quiet: { type: "boolean", short: "q" },
 };
 
@@ -26,6 +27,8 @@ export const modelHelp = [
   "--threads N              threads per ONNX Runtime session (default: all cores)",
   "--device D               cpu (default), webgpu or cuda",
   "--image-backend B        torchvision (transformers 5 resizing, default) or pil (transformers 4)",
+  "--no-packed-cache        with q8/q4 on the CPU, pack the weights in memory at each load instead of",
+  "                         mapping the packed copy kept in the blip2 cache",
   "--quiet, -q              no progress bars",
 ];
 
@@ -93,6 +96,7 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
     threads: intOption(args, "threads", 1),
     device: device as Device | undefined,
     imageBackend,
+    packedWeights: args.values["no-packed-cache"] !== true,
     progress: (p) => progress.download(p),
     progressSink: progress,
   };

@@ -15,6 +15,7 @@ import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { rowView, type CacheShape } from "./kvCache.js";
+import { createPacked, PackedModel } from "./packedModels.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export const DEVICES = ["cpu", "webgpu", "cuda"] as const;
@@ -37,11 +38,17 @@ export interface RuntimeOptions {
    * Blip2Runtime.sessionOptions for the sessions that turn it off (T5's once-per-prompt encoder passes).
    */
   arena?: boolean;
+  /**
+   * Where to keep ONNX Runtime's packed integer weights (see runtime/packedModels.ts); without it,
+   * sessions with q8/q4 weights pack them in memory at every load.
+   */
+  packedDir?: string;
 }
 
 /** The operations of a session host, here or in a worker thread. */
 interface Host {
-  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void>;
+  /** Creates a session from graph bytes or a model file. */
+  create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
   release(id: number): Promise<void>;
   runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number): Promise<void>;
@@ -52,8 +59,8 @@ interface Host {
 
 class LocalHost implements Host {
   private readonly host = new SessionHost();
-  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions) {
-    return this.host.create(id, name, bytes, options);
+  create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions) {
+    return this.host.create(id, name, model, options);
   }
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep) {
     return this.host.run(id, feeds, step);
@@ -107,12 +114,19 @@ class WorkerHost implements Host {
     if (!this.pending.size) this.worker.ref();
     return new Promise<T>((resolve, reject) => {
       this.pending.set(seq, { resolve: resolve as (v: unknown) => void, reject });
-      this.worker.postMessage({ ...message, seq }, transfer);
+      try {
+        this.worker.postMessage({ ...message, seq }, transfer);
+      } catch (err) {
+        // Never sent (a buffer that cannot be transferred): nothing will answer it.
+        this.pending.delete(seq);
+        if (!this.pending.size) this.worker.unref();
+        reject(err);
+      }
     });
   }
 
-  create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions) {
-    return this.call<void>({ op: "create", id, name, bytes, options }, [bytes.buffer as ArrayBuffer]);
+  create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions) {
+    return this.call<void>({ op: "create", id, name, model, options }, typeof model === "string" ? [] : [model.buffer as ArrayBuffer]);
   }
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep) {
     return fromWire(await this.call<Record<string, WireTensor>>({ op: "run", id, feeds: toWire(feeds), step }));
@@ -173,6 +187,13 @@ const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
  */
 export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEGER_KERNELS.has(n.op));
 
+/**
+ * Whether the graph's packed weights may be kept on disk (runtime/packedModels.ts). Not with
+ * `MatMulNBits` (4-bit blocks): ONNX Runtime 1.30 restores its saved packing wrongly (the tiny
+ * fixtures' q4 generations changed), while `MatMulIntegerToFloat`'s gives the very same results.
+ */
+export const keepsPacked = (graph: Graph): boolean => prepacks(graph) && !graph.nodes.some((n) => n.op === "MatMulNBits");
+
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
   private constructor(
@@ -207,7 +228,12 @@ export class CompiledGraph {
     };
     const host = hostFor(options, device);
     const id = ++nextId;
-    await host.create(id, graph.name, bytes, sessionOptions);
+    if (device === "cpu" && options.packedDir && keepsPacked(graph)) {
+      const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
+      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()]), bytes, sessionOptions);
+    } else {
+      await host.create(id, graph.name, bytes, sessionOptions);
+    }
     return new CompiledGraph(graph.name, device, host, id);
   }
 

@@ -24,9 +24,10 @@ export class SessionHost {
   private readonly sessions = new Map<number, { name: string; session: ort.InferenceSession }>();
   private readonly caches = new Map<number, KvCache>();
 
-  async create(id: number, name: string, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void> {
+  async create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void> {
     try {
-      this.sessions.set(id, { name, session: await ort.InferenceSession.create(bytes, options) });
+      const session = typeof model === "string" ? await ort.InferenceSession.create(model, options) : await ort.InferenceSession.create(model, options);
+      this.sessions.set(id, { name, session });
     } catch (err) {
       throw new Blip2Error(`cannot create the ${name} session: ${describeError(err)}`);
     }

@@ -12,7 +12,7 @@ parentPort!.on("message", async (m) => {
     let transfer: ArrayBuffer[] = [];
     switch (m.op) {
       case "create":
-        await host.create(m.id, m.name, m.bytes, m.options);
+        await host.create(m.id, m.name, m.model, m.options);
         break;
       case "run": {
         const out = toWire(await host.run(m.id, fromWire(m.feeds), m.step));

@@ -1,6 +1,10 @@
-/** `blip2 cache`: list the converted weights kept in the blip2 cache, and remove what is no longer wanted. */
+/**
+ * `blip2 cache`: list the converted weights and packed weights kept in the blip2 cache, and remove
+ * what is no longer wanted.
+ */
 import fs from "node:fs";
 import { blip2CacheDir, listWeightCaches, pruneWeightCaches, removeWeightCache, weightCacheRoot, type RemovedFiles, type WeightCacheEntry } from "../../quantize/weightCache.js";
+import { listPacked, packedRoot, pruneStalePacked, type PackedEntry } from "../../runtime/packedModels.js";
 import { stringOption, UsageError, type Command, type Io } from "../command.js";
 import { formatBytes } from "../progress.js";
 
@@ -13,8 +17,11 @@ export const cache: Command = {
   usage: "blip2 cache [--prune | --remove ID] [--cache-dir DIR] [--json]",
   help: [
     "--prune                  remove conversions in an older weight format (this version never reads",
-    "                         them) and partial files of conversions that were killed",
-    "--remove ID              remove every conversion of one checkpoint (ID as listed, or a prefix)",
+    "                         them), partial files of conversions that were killed, and packed",
+    "                         weights this machine will not open again (other ONNX Runtime or CPU,",
+    "                         weight files changed or gone)",
+    "--remove ID              remove every conversion of one checkpoint (ID as listed, or a prefix),",
+    "                         and the packed weights made from it",
     "--cache-dir DIR          the blip2 cache (default $BLIP2_CACHE, else ~/.cache/blip2)",
     "--json                   print JSON instead of a table",
   ].join("\n"),
@@ -26,17 +33,20 @@ export const cache: Command = {
     const dir = blip2CacheDir(stringOption(args, "cache-dir"));
     const json = args.values.json === true;
     if (args.values.prune || remove !== undefined) {
-      printRemoved(args.values.prune ? pruneWeightCaches(dir) : removeWeightCache(remove!, dir), json, io);
+      const removed = args.values.prune ? pruneWeightCaches(dir) : removeWeightCache(remove!, dir);
+      // Packed weights made from removed conversions are stale now.
+      const packed = pruneStalePacked(dir);
+      printRemoved({ paths: [...removed.paths, ...packed.paths], bytes: removed.bytes + packed.bytes }, json, io);
     } else {
-      printList(dir, listWeightCaches(dir), json, io);
+      printList(dir, listWeightCaches(dir), listPacked(dir), json, io);
     }
     return 0;
   },
 };
 
-function printList(dir: string, entries: WeightCacheEntry[], json: boolean, io: Io): void {
+function printList(dir: string, entries: WeightCacheEntry[], packed: PackedEntry[], json: boolean, io: Io): void {
   if (json) {
-    io.stdout.write(JSON.stringify({ root: weightCacheRoot(dir), entries }) + "\n");
+    io.stdout.write(JSON.stringify({ root: weightCacheRoot(dir), entries, packed: { root: packedRoot(dir), entries: packed } }) + "\n");
     return;
   }
   io.stdout.write(`${weightCacheRoot(dir)}\n`);
@@ -49,6 +59,11 @@ function printList(dir: string, entries: WeightCacheEntry[], json: boolean, io: 
   }
   const total = entries.reduce((s, e) => s + e.bytes, 0);
   io.stdout.write(entries.length ? `total ${formatBytes(total)}\n` : "no converted weights\n");
+  if (!packed.length) return;
+  const stale = packed.filter((e) => e.stale);
+  const sum = (list: PackedEntry[]) => formatBytes(list.reduce((s, e) => s + e.bytes, 0));
+  io.stdout.write(`${packedRoot(dir)}\npacked weights of ${packed.length} session(s), ${sum(packed)}`);
+  io.stdout.write(stale.length ? `; ${stale.length} (${sum(stale)}) not to be opened again here (--prune removes them)\n` : "\n");
 }
 
 function printRemoved(removed: RemovedFiles, json: boolean, io: Io): void {

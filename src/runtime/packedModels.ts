@@ -1,0 +1,228 @@
+/**
+ * ONNX Runtime's packed integer weights, kept on disk. A session whose graph has integer kernels
+ * (q8/q4 weights) lays every weight out again for its kernels when it is created: most of a
+ * quantized model's load time (Flan-T5-XL q8: 7 of 12 s on one core) and as much private memory as
+ * the weights themselves. The first time a graph is created on a machine, ONNX Runtime also saves
+ * its optimized graph with the packed weights in an external data file, under
+ * `<blip2 cache>/packed/<key>/`; every later load opens that file, and the packed weights are
+ * memory-mapped from it (page cache, shared between processes) instead of packed again.
+ *
+ * The packed layout depends on the CPU's instruction set (AMX, AVX-512 VNNI, AVX2 lay weights out
+ * differently) and on ONNX Runtime's version, so both are part of the key, with the graph itself
+ * and the size and modification time of every weight file it reads.
+ */
+import crypto from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import type * as ort from "onnxruntime-node";
+import { env } from "onnxruntime-node";
+import { describeError } from "../errors.js";
+import { partialFile, partialWriterAlive } from "../io/partialFile.js";
+import { warnOnce } from "../warn.js";
+
+const MODEL = "model.onnx";
+const DATA = "model.data";
+const RECORD = "entry.json";
+
+/** Where packed weights are kept in a blip2 cache. */
+export const packedRoot = (cacheDir: string) => path.join(cacheDir, "packed");
+
+/** What a packed copy was made for: the ONNX Runtime, the CPU and the weight files it was packed from. */
+interface Identity {
+  onnxruntime: string;
+  cpu: string;
+  weights: { file: string; bytes: number; mtimeMs: number }[];
+}
+
+/** Recorded beside a packed copy, for `blip2 cache` and for checking it before use. */
+export interface PackedRecord extends Identity {
+  graph: string;
+  /** The size of the data file as written: a shorter one (truncated) would fault when mapped. */
+  dataBytes: number;
+}
+
+/** The CPU's model and instruction-set flags: packed layouts differ between them. */
+export function cpuIdentity(): string {
+  try {
+    const info = fs.readFileSync("/proc/cpuinfo", "utf8");
+    const field = (name: string) => new RegExp(`^${name}\\s*:\\s*(.*)$`, "m").exec(info)?.[1] ?? "";
+    const flags = field("flags") || field("Features");
+    if (flags) return `${os.arch()} ${field("model name")} ${flags}`;
+  } catch {
+    // not Linux: the model name is what there is
+  }
+  return `${os.arch()} ${os.cpus()[0]?.model ?? "unknown"}`;
+}
+
+function identity(weightFiles: string[]): Identity {
+  return {
+    onnxruntime: env.versions.common,
+    cpu: cpuIdentity(),
+    weights: weightFiles.map((file) => {
+      const s = fs.statSync(file);
+      return { file, bytes: s.size, mtimeMs: s.mtimeMs };
+    }),
+  };
+}
+
+/** The packed copy of one graph: its folder, whether it is there and whole. */
+export class PackedModel {
+  private constructor(
+    readonly dir: string,
+    readonly graph: string,
+    private readonly identity: Identity,
+  ) {}
+
+  /** The packed copy for a serialized graph that reads `weightFiles` (real paths). */
+  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[]): PackedModel {
+    const id = identity(weightFiles);
+    const key = crypto.createHash("sha256").update(bytes).update(JSON.stringify(id)).digest("hex").slice(0, 32);
+    return new PackedModel(path.join(root, key), graph, id);
+  }
+
+  get model(): string {
+    return path.join(this.dir, MODEL);
+  }
+
+  /** Saved completely: the record is written last, and the data file still has the size it had. */
+  ready(): boolean {
+    const record = readRecord(this.dir);
+    if (!record) return false;
+    try {
+      return fs.statSync(path.join(this.dir, DATA)).size === record.dataBytes && fs.existsSync(this.model);
+    } catch {
+      return false;
+    }
+  }
+
+  remove(): void {
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /** Session options that make ONNX Runtime save the optimized graph and its packed weights in `folder`. */
+  saveOptions(options: ort.InferenceSession.SessionOptions, folder: string): ort.InferenceSession.SessionOptions {
+    const session = {
+      ...(options.extra?.session as Record<string, string>),
+      optimized_model_external_initializers_file_name: DATA,
+      optimized_model_external_initializers_min_size_in_bytes: "1024",
+      save_external_prepacked_constant_initializers: "1",
+    };
+    return { ...options, optimizedModelFilePath: path.join(folder, MODEL), extra: { ...options.extra, session } };
+  }
+
+  /** Session options for opening the saved graph: already optimized, its weights beside it. */
+  openOptions(options: ort.InferenceSession.SessionOptions): ort.InferenceSession.SessionOptions {
+    const { model_external_initializers_file_folder_path: _, ...session } = options.extra?.session as Record<string, string>;
+    return { ...options, graphOptimizationLevel: "disabled", extra: { ...options.extra, session } };
+  }
+
+  /**
+   * Records the saved files in `folder` and moves them into place, over a damaged copy; where another
+   * process has been first, its copy stays.
+   */
+  commit(folder: string): void {
+    const record: PackedRecord = { graph: this.graph, ...this.identity, dataBytes: fs.statSync(path.join(folder, DATA)).size };
+    fs.writeFileSync(path.join(folder, RECORD), JSON.stringify(record, null, 1) + "\n");
+    if (fs.existsSync(this.dir) && !this.ready()) this.remove();
+    try {
+      fs.renameSync(folder, this.dir);
+    } catch (err) {
+      if (!this.ready()) throw err;
+    }
+  }
+}
+
+/** One session slot of a host: created from graph bytes or a model file, and released. */
+export interface SessionSlot {
+  create(model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
+  release(): Promise<void>;
+}
+
+let nextFolder = 0;
+
+/**
+ * Creates the session from its packed copy, saving that first where it is missing. Where the copy
+ * cannot be saved (a full disk, a read-only cache) or opened, the session packs its weights in
+ * memory as before, with a warning.
+ */
+export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void> {
+  if (!packed.ready() && !(await save(slot, packed, bytes, options))) return slot.create(bytes, options);
+  try {
+    await slot.create(packed.model, packed.openOptions(options));
+  } catch (err) {
+    warnOnce(`${packed.dir}: cannot open the packed weights kept there (${describeError(err).slice(0, 200)}); packing them again`);
+    packed.remove();
+    await slot.create(bytes, options);
+  }
+}
+
+async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<boolean> {
+  const folder = partialFile(`${packed.dir}-${++nextFolder}`);
+  try {
+    fs.mkdirSync(folder, { recursive: true });
+    // A copy: the bytes are handed over to a worker thread, and needed again if saving fails (a
+    // Node Buffer's slice() would share them).
+    await slot.create(new Uint8Array(bytes), packed.saveOptions(options, folder));
+    await slot.release();
+    packed.commit(folder);
+    return true;
+  } catch (err) {
+    warnOnce(`cannot keep packed weights in ${path.dirname(packed.dir)} (${describeError(err).slice(0, 200)}); they are packed in memory at each load`);
+    await slot.release();
+    return false;
+  } finally {
+    if (fs.existsSync(folder)) fs.rmSync(folder, { recursive: true, force: true });
+  }
+}
+
+function readRecord(dir: string): PackedRecord | null {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, RECORD), "utf8")) as PackedRecord;
+  } catch {
+    return null;
+  }
+}
+
+export interface PackedEntry {
+  dir: string;
+  bytes: number;
+  /** Its graph and the weight files it was packed from, where recorded. */
+  graph?: string;
+  weights?: string[];
+  /** Why this version of blip2 on this machine will never open it again, if so. */
+  stale?: string;
+}
+
+/** Every packed copy in a blip2 cache, and whether it is still of use here. */
+export function listPacked(cacheDir: string): PackedEntry[] {
+  const root = packedRoot(cacheDir);
+  if (!fs.existsSync(root)) return [];
+  const here = { onnxruntime: env.versions.common, cpu: cpuIdentity() };
+  return fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => {
+    const dir = path.join(root, d.name);
+    const bytes = fs.readdirSync(dir).reduce((s, f) => s + fs.statSync(path.join(dir, f)).size, 0);
+    if (partialWriterAlive(d.name) !== null) return { dir, bytes, stale: partialWriterAlive(d.name) ? undefined : "left by a process that was killed while saving it" };
+    const record = readRecord(dir);
+    if (!record) return { dir, bytes, stale: "incomplete" };
+    return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here) };
+  });
+}
+
+function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: string }): string | undefined {
+  if (record.onnxruntime !== here.onnxruntime) return `packed by ONNX Runtime ${record.onnxruntime}`;
+  if (record.cpu !== here.cpu) return "packed on another CPU";
+  for (const w of record.weights) {
+    const s = fs.statSync(w.file, { throwIfNoEntry: false });
+    if (!s) return `${w.file} is gone`;
+    if (s.size !== w.bytes || s.mtimeMs !== w.mtimeMs) return `${w.file} has changed`;
+  }
+  return undefined;
+}
+
+/** Removes the packed copies this machine will never open again. */
+export function pruneStalePacked(cacheDir: string): { paths: string[]; bytes: number } {
+  const stale = listPacked(cacheDir).filter((e) => e.stale);
+  for (const e of stale) fs.rmSync(e.dir, { recursive: true, force: true });
+  return { paths: stale.map((e) => e.dir), bytes: stale.reduce((s, e) => s + e.bytes, 0) };
+}

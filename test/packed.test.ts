@@ -1,0 +1,131 @@
+/** ONNX Runtime's packed q8/q4 weights kept in the blip2 cache: saved once, mapped afterwards, never trusted blindly. */
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, describe, expect, it, vi } from "vitest";
+import { Blip2ForImageTextRetrieval } from "../src/index.js";
+import { listPacked, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
+import { cli, fixture } from "./helpers.js";
+
+const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-"));
+afterAll(() => fs.rmSync(cache, { recursive: true, force: true }));
+
+const images = [fixture("image0.png"), fixture("image1.png")];
+const texts = ["a photo of a cat", "a drawing of a dog"];
+
+/** ITC similarities and ITM logits of the tiny ITM model in q8, as plain numbers. */
+async function scores(options: { packedWeights?: boolean; blip2Cache?: string } = {}): Promise<number[]> {
+  const model = await Blip2ForImageTextRetrieval.fromPretrained(fixture("tiny-blip2-itm"), { dtype: "q8", blip2Cache: cache, ...options });
+  try {
+    const itc = (await model.similarity(images, texts)).flat();
+    const itm = (await model.match(images, texts)).logits.flat(2);
+    return [...itc, ...itm];
+  } finally {
+    await model.dispose();
+  }
+}
+
+/** Each packed folder with its files' modification times, to tell a reopened copy from a rewritten one. */
+const snapshot = (root: string) =>
+  Object.fromEntries(fs.readdirSync(root).map((d) => [d, fs.readdirSync(path.join(root, d)).sort().map((f) => `${f}@${fs.statSync(path.join(root, d, f)).mtimeMs}`)]));
+
+describe("packed weights", () => {
+  const root = packedRoot(cache);
+  let inMemory: number[] = [];
+
+  it("are saved by the first load and opened by the next, with the very same results as packing in memory", async () => {
+    inMemory = await scores({ packedWeights: false });
+    expect(fs.existsSync(root)).toBe(false);
+    const first = await scores();
+    const saved = snapshot(root);
+    // The sessions with integer kernels: the image path and the text/ITM path.
+    expect(Object.keys(saved).length).toBeGreaterThanOrEqual(2);
+    for (const files of Object.values(saved)) expect(files.map((f) => f.split("@")[0])).toEqual(["entry.json", "model.data", "model.onnx"]);
+    const second = await scores();
+    expect(snapshot(root)).toEqual(saved);
+    expect(first).toEqual(inMemory);
+    expect(second).toEqual(inMemory);
+    expect(listPacked(cache).every((e) => !e.stale && e.graph)).toBe(true);
+  });
+
+  it("a truncated data file is packed again, never mapped", async () => {
+    const [dir] = fs.readdirSync(root);
+    const data = path.join(root, dir!, "model.data");
+    fs.truncateSync(data, Math.floor(fs.statSync(data).size / 2));
+    expect(await scores()).toEqual(inMemory);
+    expect(fs.statSync(data).size).toBe(JSON.parse(fs.readFileSync(path.join(root, dir!, "entry.json"), "utf8")).dataBytes);
+  });
+
+  it("a damaged model file is reported once, removed, and the session packs in memory", async () => {
+    const dirs = fs.readdirSync(root);
+    for (const d of dirs) fs.writeFileSync(path.join(root, d, "model.onnx"), "not a model");
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      expect(await scores()).toEqual(inMemory);
+      expect(warn.mock.calls.flat().join("\n")).toMatch(/cannot open the packed weights kept there .*; packing them again/);
+    } finally {
+      warn.mockRestore();
+    }
+    for (const d of dirs) expect(fs.existsSync(path.join(root, d))).toBe(false);
+    // The next load saves them again.
+    expect(await scores()).toEqual(inMemory);
+    expect(fs.readdirSync(root).length).toBe(dirs.length);
+  });
+
+  it("where they cannot be saved, loading warns and packs in memory", async () => {
+    const blocked = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-blocked-"));
+    fs.writeFileSync(packedRoot(blocked), "a file where the folder would go");
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      // The converted weights come from the shared cache; only the packed ones cannot be kept.
+      fs.cpSync(path.join(cache, "weights"), path.join(blocked, "weights"), { recursive: true });
+      expect(await scores({ blip2Cache: blocked })).toEqual(inMemory);
+      expect(warn.mock.calls.flat().join("\n")).toContain(`cannot keep packed weights in ${packedRoot(blocked)}`);
+    } finally {
+      warn.mockRestore();
+      fs.rmSync(blocked, { recursive: true, force: true });
+    }
+  });
+
+  it("follow their weight files: a changed file gets new ones, and blip2 cache --prune removes the stale", async () => {
+    const before = new Set(fs.readdirSync(root));
+    const weights = listPacked(cache).flatMap((e) => JSON.parse(fs.readFileSync(path.join(e.dir, "entry.json"), "utf8")).weights.map((w: { file: string }) => w.file));
+    const touched = weights.find((f: string) => f.includes(`${path.sep}weights${path.sep}`))!;
+    const later = new Date(Date.now() + 5000);
+    fs.utimesSync(touched, later, later);
+    expect(await scores()).toEqual(inMemory);
+    const stale = listPacked(cache).filter((e) => e.stale);
+    expect(stale.length).toBeGreaterThan(0);
+    for (const e of stale) {
+      expect(before.has(path.basename(e.dir))).toBe(true);
+      expect(e.stale).toBe(`${touched} has changed`);
+    }
+    const list = await cli("cache", "--cache-dir", cache);
+    expect(list.stdout).toMatch(new RegExp(`${stale.length} \\(.*\\) not to be opened again here \\(--prune removes them\\)`));
+    const pruned = await cli("cache", "--prune", "--cache-dir", cache);
+    expect(pruned.code, pruned.stderr).toBe(0);
+    for (const e of stale) expect(pruned.stdout).toContain(`removed ${e.dir}\n`);
+    expect(listPacked(cache).filter((e) => e.stale)).toEqual([]);
+    expect(pruneStalePacked(cache).paths).toEqual([]);
+  });
+
+  it("the CLI keeps them unless --no-packed-cache", async () => {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-cli-"));
+    const saved = process.env.BLIP2_CACHE;
+    process.env.BLIP2_CACHE = home;
+    try {
+      const caption = (...flags: string[]) => cli("caption", "-m", fixture("tiny-blip2-opt"), "--dtype", "q8", "--max-new-tokens", "3", "-q", ...flags, fixture("image0.png"));
+      const inMemory = await caption("--no-packed-cache");
+      expect(inMemory.code, inMemory.stderr).toBe(0);
+      expect(fs.existsSync(packedRoot(home))).toBe(false);
+      const kept = await caption();
+      expect(kept.code, kept.stderr).toBe(0);
+      expect(kept.stdout).toBe(inMemory.stdout);
+      expect(listPacked(home).length).toBeGreaterThan(0);
+    } finally {
+      if (saved === undefined) delete process.env.BLIP2_CACHE;
+      else process.env.BLIP2_CACHE = saved;
+      fs.rmSync(home, { recursive: true, force: true });
+    }
+  });
+});
