@@ -87,6 +87,22 @@ describe("packed weights", () => {
     }
   });
 
+  it("are not saved onto a disk without room for them", async () => {
+    const small = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-small-"));
+    fs.cpSync(path.join(cache, "weights"), path.join(small, "weights"), { recursive: true });
+    const statfs = vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 1000, bsize: 4096 } as fs.StatsFs);
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      expect(await scores({ blip2Cache: small })).toEqual(inMemory);
+      expect(warn.mock.calls.flat().join("\n")).toMatch(/cannot keep packed weights in .* \(0\.0 GB free on its disk, 1\.\d GB wanted\)/);
+      expect(fs.readdirSync(packedRoot(small))).toEqual([]);
+    } finally {
+      statfs.mockRestore();
+      warn.mockRestore();
+      fs.rmSync(small, { recursive: true, force: true });
+    }
+  });
+
   it("follow their weight files: a changed file gets new ones, and blip2 cache --prune removes the stale", async () => {
     const before = new Set(fs.readdirSync(root));
     const weights = listPacked(cache).flatMap((e) => JSON.parse(fs.readFileSync(path.join(e.dir, "entry.json"), "utf8")).weights.map((w: { file: string }) => w.file));

@@ -24,6 +24,7 @@ import { warnOnce } from "../warn.js";
 const MODEL = "model.onnx";
 const DATA = "model.data";
 const RECORD = "entry.json";
+const GB = 1e9;
 
 /** Where packed weights are kept in a blip2 cache. */
 export const packedRoot = (cacheDir: string) => path.join(cacheDir, "packed");
@@ -72,13 +73,15 @@ export class PackedModel {
     readonly dir: string,
     readonly graph: string,
     private readonly identity: Identity,
+    /** The bytes of the weights the graph reads: the saved copy takes about twice as many. */
+    readonly weightBytes: number,
   ) {}
 
-  /** The packed copy for a serialized graph that reads `weightFiles` (real paths). */
-  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[]): PackedModel {
+  /** The packed copy for a serialized graph that reads `weightBytes` bytes from `weightFiles` (real paths). */
+  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[], weightBytes: number): PackedModel {
     const id = identity(weightFiles);
     const key = crypto.createHash("sha256").update(bytes).update(JSON.stringify(id)).digest("hex").slice(0, 32);
-    return new PackedModel(path.join(root, key), graph, id);
+    return new PackedModel(path.join(root, key), graph, id, weightBytes);
   }
 
   get model(): string {
@@ -161,6 +164,12 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   const folder = partialFile(`${packed.dir}-${++nextFolder}`);
   try {
     fs.mkdirSync(folder, { recursive: true });
+    const free = fs.statfsSync(folder);
+    // The codes and their packed copy, and a gigabyte to spare for everything else on that disk.
+    const need = 2 * packed.weightBytes + GB;
+    if (free.bavail * free.bsize < need) {
+      throw new Error(`${((free.bavail * free.bsize) / GB).toFixed(1)} GB free on its disk, ${(need / GB).toFixed(1)} GB wanted`);
+    }
     // A copy: the bytes are handed over to a worker thread, and needed again if saving fails (a
     // Node Buffer's slice() would share them).
     await slot.create(new Uint8Array(bytes), packed.saveOptions(options, folder));

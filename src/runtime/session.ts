@@ -230,7 +230,8 @@ export class CompiledGraph {
     const id = ++nextId;
     if (device === "cpu" && options.packedDir && keepsPacked(graph)) {
       const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
-      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()]), bytes, sessionOptions);
+      const weightBytes = graph.initializers.reduce((sum, i) => sum + (i.kind === "external" ? i.byteLength : 0), 0);
+      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes), bytes, sessionOptions);
     } else {
       await host.create(id, graph.name, bytes, sessionOptions);
     }
