@@ -36,7 +36,12 @@ describe("packed weights", () => {
   it("are saved by the first load and opened by the next, with the very same results as packing in memory", async () => {
     inMemory = await scores({ packedWeights: false });
     expect(fs.existsSync(root)).toBe(false);
+    // What a save killed midway leaves: removed by the next save.
+    const killed = path.join(root, "0123abcd-1.tmp-99999999");
+    fs.mkdirSync(killed, { recursive: true });
+    fs.writeFileSync(path.join(killed, "model.data"), "partial");
     const first = await scores();
+    expect(fs.existsSync(killed)).toBe(false);
     const saved = snapshot(root);
     // The sessions with integer kernels: the image path and the text/ITM path.
     expect(Object.keys(saved).length).toBeGreaterThanOrEqual(2);

@@ -164,6 +164,7 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   const folder = partialFile(`${packed.dir}-${++nextFolder}`);
   try {
     fs.mkdirSync(folder, { recursive: true });
+    removeAbandoned(path.dirname(folder));
     const free = fs.statfsSync(folder);
     // The codes and their packed copy, and a gigabyte to spare for everything else on that disk.
     const need = 2 * packed.weightBytes + GB;
@@ -183,6 +184,11 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   } finally {
     if (fs.existsSync(folder)) fs.rmSync(folder, { recursive: true, force: true });
   }
+}
+
+/** Removes the folders of saves whose process was killed (gigabytes each). */
+function removeAbandoned(root: string): void {
+  for (const name of fs.readdirSync(root)) if (partialWriterAlive(name) === false) fs.rmSync(path.join(root, name), { recursive: true, force: true });
 }
 
 function readRecord(dir: string): PackedRecord | null {
