@@ -145,10 +145,7 @@ await blip2.dispose();
 
 /** The language model's logits for the next token after each prompt. */
 async function lastLogits(): Promise<Float32Array> {
-  if (ckpt.config.text.modelType === "opt") return (await rt.optDecode(embeds, mask, await rt.newCache(2, embeds.dims[1]!), true)).logits!.data as Float32Array;
-  const encoder = await rt.t5Encode(embeds, mask);
-  const start = ckpt.config.text.decoderStartTokenId;
-  return (await rt.t5Decode([[start], [start]], mask, await rt.t5Cache(encoder.last_hidden_state!, 1))).logits!.data as Float32Array;
+  return (await rt.forward(embeds, mask, { lastOnly: true })).logits!.data as Float32Array;
 }
 
 /** Bytes of the weights the sessions use: the checkpoint's tensors in the precisions in use. */

@@ -33,10 +33,7 @@ const rows = (ref: RefTensor) => {
 /** Runs the language model on prepared inputs; returns its outputs (logits, hidden states). */
 async function languageModel(rt: Blip2Runtime, image: Tensors, inputIds: number[][], attentionMask: number[][], decoderInputIds?: number[][]): Promise<Tensors> {
   const { embeds, mask } = await rt.inputsEmbeds(inputIds, attentionMask, image.language_model_inputs!);
-  const batch = inputIds.length;
-  if (rt.config.text.modelType === "opt") return rt.optDecode(embeds, mask, await rt.newCache(batch, embeds.dims[1]!));
-  const encoder = await rt.t5Encode(embeds, mask);
-  return { ...encoder, ...(await rt.t5Decode(decoderInputIds!, mask, await rt.t5Cache(encoder.last_hidden_state!, decoderInputIds![0]!.length))) };
+  return rt.forward(embeds, mask, { decoderInputIds });
 }
 
 describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s (transformers 5.17)", (name) => {

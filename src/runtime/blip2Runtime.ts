@@ -124,8 +124,8 @@ export class Blip2Runtime {
   }
 
   /**
-   * A key/value cache for `rows` sequences and `capacity` positions (0 for a single pass). T5's
-   * decoder also needs the cross-attention inputs: see t5Cache.
+   * A key/value cache for `rows` sequences and `capacity` positions (at least 1). T5's decoder also
+   * needs the cross-attention inputs: see t5Cache.
    */
   async newCache(rows: number, capacity: number): Promise<CacheHandle> {
     const t = this.config.text;
@@ -187,6 +187,18 @@ export class Blip2Runtime {
       logits_positions: logitsPositions(length, false),
     };
     return s.run(feeds, { cache, mask });
+  }
+
+  /**
+   * One pass of the language model over whole prompts, without generating: OPT over the
+   * embeddings; T5's encoder over them, then its decoder over `decoderInputIds` (default: the start
+   * token). The cache holds this pass only. T5's outputs include the encoder's.
+   */
+  async forward(embeds: ort.Tensor, mask: number[][], options: { decoderInputIds?: number[][]; lastOnly?: boolean } = {}): Promise<Tensors> {
+    if (this.config.text.modelType === "opt") return this.optDecode(embeds, mask, await this.newCache(mask.length, embeds.dims[1]!), options.lastOnly);
+    const encoder = await this.t5Encode(embeds, mask);
+    const ids = options.decoderInputIds ?? mask.map(() => [this.t5.decoderStartTokenId]);
+    return { ...encoder, ...(await this.t5Decode(ids, mask, await this.t5Cache(encoder.last_hidden_state!, ids[0]!.length))) };
   }
 
   release(): Promise<void> {

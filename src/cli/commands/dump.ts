@@ -72,17 +72,12 @@ export const dump: Command = {
 };
 
 async function logits(rt: Blip2Runtime, inputIds: number[][], attentionMask: number[][], features: ort.Tensor, decoderIds: number[] | null): Promise<ort.Tensor> {
-  const { embeds, mask } = await rt.inputsEmbeds(inputIds, attentionMask, features);
   const text = rt.config.text;
-  if (text.modelType === "opt") {
-    if (decoderIds) throw new UsageError("dump: --decoder-input-ids applies to T5 checkpoints only");
-    return (await rt.optDecode(embeds, mask, await rt.newCache(embeds.dims[0]!, embeds.dims[1]!))).logits!;
-  }
-  const encoder = await rt.t5Encode(embeds, mask);
-  const ids = decoderIds ?? [text.decoderStartTokenId];
-  const bad = ids.find((i) => i >= text.vocabSize);
+  if (decoderIds && text.modelType === "opt") throw new UsageError("dump: --decoder-input-ids applies to T5 checkpoints only");
+  const bad = decoderIds?.find((i) => i >= text.vocabSize);
   if (bad !== undefined) throw new UsageError(`dump: decoder input id ${bad} is outside the vocabulary (size ${text.vocabSize})`);
-  return (await rt.t5Decode([ids], mask, await rt.t5Cache(encoder.last_hidden_state!, ids.length))).logits!;
+  const { embeds, mask } = await rt.inputsEmbeds(inputIds, attentionMask, features);
+  return (await rt.forward(embeds, mask, { decoderInputIds: decoderIds ? [decoderIds] : undefined })).logits!;
 }
 
 function parseIds(text: string | undefined): number[] | null {
