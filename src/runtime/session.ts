@@ -189,8 +189,10 @@ export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEG
 
 /**
  * Whether the graph's packed weights may be kept on disk (runtime/packedModels.ts). Not with
- * `MatMulNBits` (4-bit blocks): ONNX Runtime 1.30 restores its saved packing wrongly (the tiny
- * fixtures' q4 generations changed), while `MatMulIntegerToFloat`'s gives the very same results.
+ * `MatMulNBits` (4-bit blocks): ONNX Runtime 1.30 restores its saved packing wrongly once a graph
+ * has two of them (two chained MatMulNBits gave NaN after reopening, one alone the same results;
+ * the tiny fixtures' q4 generations changed), while `MatMulIntegerToFloat`'s gives the very same
+ * results.
  */
 export const keepsPacked = (graph: Graph): boolean => prepacks(graph) && !graph.nodes.some((n) => n.op === "MatMulNBits");
 
