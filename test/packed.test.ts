@@ -3,7 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it, vi } from "vitest";
-import { Blip2ForImageTextRetrieval } from "../src/index.js";
+import { Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
 import { listPacked, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
 import { cli, fixture } from "./helpers.js";
 
@@ -128,6 +128,14 @@ describe("packed weights", () => {
     for (const e of stale) expect(pruned.stdout).toContain(`removed ${e.dir}\n`);
     expect(listPacked(cache).filter((e) => e.stale)).toEqual([]);
     expect(pruneStalePacked(cache).paths).toEqual([]);
+    // Removing a checkpoint's converted weights takes the packed copies made from them.
+    const kept = listPacked(cache);
+    expect(kept.length).toBeGreaterThan(0);
+    const [entry] = listWeightCaches(cache);
+    const removed = await cli("cache", "--remove", entry!.fingerprint.slice(0, 12), "--cache-dir", cache);
+    expect(removed.code, removed.stderr).toBe(0);
+    for (const e of kept) expect(removed.stdout).toContain(`removed ${e.dir}\n`);
+    expect(listPacked(cache)).toEqual([]);
   });
 
   it("the CLI keeps them unless --no-packed-cache", async () => {

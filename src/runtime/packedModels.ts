@@ -237,7 +237,16 @@ function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: strin
 
 /** Removes the packed copies this machine will never open again. */
 export function pruneStalePacked(cacheDir: string): { paths: string[]; bytes: number } {
-  const stale = listPacked(cacheDir).filter((e) => e.stale);
-  for (const e of stale) fs.rmSync(e.dir, { recursive: true, force: true });
-  return { paths: stale.map((e) => e.dir), bytes: stale.reduce((s, e) => s + e.bytes, 0) };
+  return removePacked(listPacked(cacheDir).filter((e) => e.stale));
+}
+
+/** Removes the packed copies made from weight files inside `folders` (converted weights being removed). */
+export function removePackedFrom(cacheDir: string, folders: string[]): { paths: string[]; bytes: number } {
+  const inside = (file: string) => folders.some((f) => file.startsWith(f + path.sep));
+  return removePacked(listPacked(cacheDir).filter((e) => e.weights?.some(inside)));
+}
+
+function removePacked(entries: PackedEntry[]): { paths: string[]; bytes: number } {
+  for (const e of entries) fs.rmSync(e.dir, { recursive: true, force: true });
+  return { paths: entries.map((e) => e.dir), bytes: entries.reduce((s, e) => s + e.bytes, 0) };
 }

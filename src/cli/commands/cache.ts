@@ -4,7 +4,7 @@
  */
 import fs from "node:fs";
 import { blip2CacheDir, listWeightCaches, pruneWeightCaches, removeWeightCache, weightCacheRoot, type RemovedFiles, type WeightCacheEntry } from "../../quantize/weightCache.js";
-import { listPacked, packedRoot, pruneStalePacked, type PackedEntry } from "../../runtime/packedModels.js";
+import { listPacked, packedRoot, pruneStalePacked, removePackedFrom, type PackedEntry } from "../../runtime/packedModels.js";
 import { stringOption, UsageError, type Command, type Io } from "../command.js";
 import { formatBytes } from "../progress.js";
 
@@ -34,8 +34,7 @@ export const cache: Command = {
     const json = args.values.json === true;
     if (args.values.prune || remove !== undefined) {
       const removed = args.values.prune ? pruneWeightCaches(dir) : removeWeightCache(remove!, dir);
-      // Packed weights made from removed conversions are stale now.
-      const packed = pruneStalePacked(dir);
+      const packed = args.values.prune ? pruneStalePacked(dir) : removePackedFrom(dir, removed.paths);
       printRemoved({ paths: [...removed.paths, ...packed.paths], bytes: removed.bytes + packed.bytes }, json, io);
     } else {
       printList(dir, listWeightCaches(dir), listPacked(dir), json, io);
