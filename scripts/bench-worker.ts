@@ -9,7 +9,7 @@ import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quant
 import { readOncePerPrompt, weightDType } from "../src/quantize/dtype.js";
 import { usableDevice, type Device } from "../src/runtime/session.js";
 
-const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" }, device: { type: "string" } } });
+const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" }, device: { type: "string" }, "no-packed-cache": { type: "boolean" } } });
 const dir = values.dir!;
 const dtype = values.dtype as "fp32" | "q8" | "q4";
 const threads = Number(values.threads);
@@ -32,7 +32,7 @@ const spread = (xs: number[]) => ({ median: median(xs), min: Math.min(...xs), ma
 const seconds = (ms: number) => ms / 1000;
 
 let t = performance.now();
-const blip2 = await Blip2.load(dir, { dtype, threads, device: requested });
+const blip2 = await Blip2.load(dir, { dtype, threads, device: requested, packedWeights: values["no-packed-cache"] !== true });
 await blip2.model.prepare();
 const loadS = seconds(performance.now() - t);
 sample();

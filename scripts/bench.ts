@@ -6,7 +6,7 @@
  * bandwidth from the memory each dtype's weights are read from, for the decode floor. Prints a
  * table and a JSON line.
  *
- * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20 --device cpu|webgpu|cuda]
+ * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20 --device cpu|webgpu|cuda --no-packed-cache]
  * (the bandwidth floor is the CPU's: on another device, read it as the host's figure only)
  */
 import { execFile } from "node:child_process";
@@ -25,13 +25,16 @@ import { attr, Graph } from "../src/ir/graph.js";
 import { CompiledGraph, isDevice } from "../src/runtime/session.js";
 import { syntheticCheckpoint, type Variant } from "./synthetic-checkpoint.js";
 
-const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, device: { type: "string" } } });
+const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, device: { type: "string" }, "no-packed-cache": { type: "boolean" } } });
 const variant = (values.model ?? "opt-2.7b") as Variant;
 const dtypes = (values.dtypes ?? "fp32,q8,q4").split(",");
 const threadCounts = (values.threads ?? "2,1").split(",").map(Number);
 const runs = values.runs ?? "3";
 const tokens = values.tokens ?? "20";
 const device = values.device ?? "cpu";
+/** Quantized weights' packed copies mapped from the blip2 cache (the default), or packed in memory. */
+const packed = values["no-packed-cache"] !== true;
+const packedFlag = packed ? [] : ["--no-packed-cache"];
 if (!isDevice(device)) {
   console.error(`--device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   process.exit(2);
@@ -66,10 +69,11 @@ function warm(tensors: TensorInfo[]): void {
  * Read bandwidth: ONNX Runtime summing a large block (the reduction axis is a graph input, so the
  * sum is not folded away at load), from memory of the kind the decoding weights live in. Float32
  * weights are read in place from the memory-mapped files: a 4 GB block of a weight shard that sits
- * in the page cache. q8 weights are read from ONNX Runtime's packed copies, mapped from the blip2
- * cache (runtime/packedModels.ts); q4's language model packs its 4-bit blocks in anonymous memory:
- * a 2 GB input buffer. The two can differ (measured: 33 against 52 GB/s on 2 threads on one
- * machine), so each kind of weights is held to the floor of its own memory.
+ * in the page cache. Quantized weights are read from ONNX Runtime's packed copies, mapped from the
+ * blip2 cache (runtime/packedModels.ts), unless the bench runs with `--no-packed-cache`: then they
+ * are anonymous memory, probed with a 2 GB input buffer. The two can differ (measured: 33 against
+ * 52 GB/s on 2 threads on one machine), so each kind of weights is held to the floor of its own
+ * memory.
  */
 async function bandwidth(threads: number, memory: Memory): Promise<number> {
   const shard = path.join(dir, fs.readdirSync(dir).filter((f) => f.endsWith(".safetensors")).sort()[0]!);
@@ -95,8 +99,8 @@ async function bandwidth(threads: number, memory: Memory): Promise<number> {
 }
 
 type Memory = "mapped" | "anonymous";
-/** Where a dtype's language-model weights are read from while decoding (see session.ts keepsPacked). */
-const memoryOf = (dtype: string): Memory => (dtype === "q4" ? "anonymous" : "mapped");
+/** Where a dtype's language-model weights are read from while decoding. */
+const memoryOf = (dtype: string): Memory => (dtype === "fp32" || packed ? "mapped" : "anonymous");
 
 const run = promisify(execFile);
 const results: Record<string, unknown>[] = [];
@@ -114,11 +118,11 @@ for (const dtype of dtypes) {
   // One untimed load first: the first process to allocate gigabytes after the page cache filled
   // the memory pays for the kernel's reclaim, which is not the model's load time.
   warm(tensors);
-  await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device], { maxBuffer: 1 << 24 });
+  await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
   for (const threads of threadCounts) {
     warm(tensors);
     const before = await bandwidth(threads, memoryOf(dtype));
-    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device], { maxBuffer: 1 << 24 });
+    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
     const after = await bandwidth(threads, memoryOf(dtype));
     const r = JSON.parse(stdout.trim().split("\n").at(-1)!);
     results.push({ ...r, memoryKind: memoryOf(dtype), bandwidthGBs: { before, after } });
@@ -152,7 +156,7 @@ const table = [
   row("logits cosine vs fp32 (top-1 agree)", (r) => (r.quality ? `${f(r.quality.cosine, 4)} (${r.quality.top1})` : "-")),
 ];
 const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length)));
-console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); medians of ${runs} runs (min-max)`);
+console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); medians of ${runs} runs (min-max)${packed ? "" : "; quantized weights packed in memory"}`);
 if (results.some((r: any) => r.device !== device)) console.log(`${device} was not available here: these figures are the CPU's`);
 for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
-console.log(JSON.stringify({ bench: "blip2", model: variant, device, cores: os.cpus().length, pytorch: PYTORCH, results }));
+console.log(JSON.stringify({ bench: "blip2", model: variant, device, packedWeights: packed, cores: os.cpus().length, pytorch: PYTORCH, results }));

@@ -2,6 +2,7 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import onnxProto from "onnx-proto";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
 import { listPacked, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
@@ -25,6 +26,14 @@ async function scores(options: { packedWeights?: boolean; blip2Cache?: string } 
   }
 }
 
+/** The data-file offsets of a saved model's tensors and packed blobs. */
+function externalOffsets(model: string): number[] {
+  const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
+  return (proto.graph?.initializer ?? []).flatMap((i) =>
+    (i.externalData ?? []).flatMap((e) => (e.key === "offset" ? [Number(e.value)] : e.key?.startsWith("prepacked_") ? [Number(/\|(\d+);/.exec(e.value ?? "")![1])] : [])),
+  );
+}
+
 /** Each packed folder with its files' modification times, to tell a reopened copy from a rewritten one. */
 const snapshot = (root: string) =>
   Object.fromEntries(fs.readdirSync(root).map((d) => [d, fs.readdirSync(path.join(root, d)).sort().map((f) => `${f}@${fs.statSync(path.join(root, d, f)).mtimeMs}`)]));
@@ -46,11 +55,34 @@ describe("packed weights", () => {
     // The sessions with integer kernels: the image path and the text/ITM path.
     expect(Object.keys(saved).length).toBeGreaterThanOrEqual(2);
     for (const files of Object.values(saved)) expect(files.map((f) => f.split("@")[0])).toEqual(["entry.json", "model.data", "model.onnx"]);
+    // Every tensor and packed blob starts on a page (ONNX Runtime restores MatMulNBits' blobs wrongly otherwise).
+    for (const dir of Object.keys(saved)) {
+      const offsets = externalOffsets(path.join(root, dir, "model.onnx"));
+      expect(offsets.length).toBeGreaterThan(0);
+      expect(offsets.filter((o) => o % 4096 !== 0)).toEqual([]);
+    }
     const second = await scores();
     expect(snapshot(root)).toEqual(saved);
     expect(first).toEqual(inMemory);
     expect(second).toEqual(inMemory);
     expect(listPacked(cache).every((e) => !e.stale && e.graph)).toBe(true);
+  });
+
+  it("an external-data entry blip2 does not know stops the save, not the load", async () => {
+    const [dir] = fs.readdirSync(root);
+    const folder = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-entry-"));
+    try {
+      for (const f of ["model.onnx", "model.data"]) fs.copyFileSync(path.join(root, dir!, f), path.join(folder, f));
+      const model = path.join(folder, "model.onnx");
+      const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
+      const init = proto.graph!.initializer!.find((i) => i.externalData?.length)!;
+      init.externalData!.push({ key: "prepacked_0", value: "something else" });
+      fs.writeFileSync(model, onnxProto.onnx.ModelProto.encode(proto).finish());
+      const { alignPacked } = await import("../src/runtime/alignPacked.js");
+      expect(() => alignPacked(folder, "model.onnx", "model.data")).toThrow(`${init.name}: unknown external-data entry prepacked_0=something else`);
+    } finally {
+      fs.rmSync(folder, { recursive: true, force: true });
+    }
   });
 
   it("a truncated data file is packed again, never mapped", async () => {

@@ -285,16 +285,13 @@ describe("integer sessions", () => {
     const { Checkpoint } = await import("../src/io/checkpoint.js");
     const { imageGraph, optDecoderGraph } = await import("../src/models/blip2.js");
     const { withDTypes } = await import("../src/quantize/quantize.js");
-    const { keepsPacked, prepacks } = await import("../src/runtime/session.js");
+    const { prepacks } = await import("../src/runtime/session.js");
     const ckpt = Checkpoint.open(fixture("tiny-blip2-opt"));
     const graphs = (c: typeof ckpt) => [imageGraph(c, { project: true }), optDecoderGraph(c, c.config.text as import("../src/config.js").OptConfig)];
     expect(graphs(ckpt).map(prepacks)).toEqual([false, false]);
-    expect(graphs(ckpt).map(keepsPacked)).toEqual([false, false]);
     for (const dtype of ["q8", "q4"] as const) {
       const quantized = await withDTypes(ckpt, resolveDTypes(dtype), { cacheDir: cache });
       expect(graphs(quantized).map(prepacks), dtype).toEqual([true, true]);
-      // Packed copies on disk: not for a graph with MatMulNBits (q4's language model).
-      expect(graphs(quantized).map(keepsPacked), dtype).toEqual([true, dtype === "q8"]);
     }
   });
 });

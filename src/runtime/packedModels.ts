@@ -8,8 +8,9 @@
  * memory-mapped from it (page cache, shared between processes) instead of packed again.
  *
  * The packed layout depends on the CPU's instruction set (AMX, AVX-512 VNNI, AVX2 lay weights out
- * differently) and on ONNX Runtime's version, so both are part of the key, with the graph itself
- * and the size and modification time of every weight file it reads.
+ * differently) and on ONNX Runtime's version, so both are part of the key, with the graph itself,
+ * the size and modification time of every weight file it reads, and how blip2 writes the copy (its
+ * data file is page-aligned after ONNX Runtime saves it: see alignPacked.ts).
  */
 import crypto from "node:crypto";
 import fs from "node:fs";
@@ -20,6 +21,7 @@ import { env } from "onnxruntime-node";
 import { describeError } from "../errors.js";
 import { partialFile, partialWriterAlive } from "../io/partialFile.js";
 import { warnOnce } from "../warn.js";
+import { alignPacked } from "./alignPacked.js";
 
 const MODEL = "model.onnx";
 const DATA = "model.data";
@@ -29,8 +31,12 @@ const GB = 1e9;
 /** Where packed weights are kept in a blip2 cache. */
 export const packedRoot = (cacheDir: string) => path.join(cacheDir, "packed");
 
+/** How blip2 writes packed copies (see alignPacked.ts); copies written otherwise are not opened. */
+const FORMAT = "blip2-packed/2";
+
 /** What a packed copy was made for: the ONNX Runtime, the CPU and the weight files it was packed from. */
 interface Identity {
+  format: string;
   onnxruntime: string;
   cpu: string;
   weights: { file: string; bytes: number; mtimeMs: number }[];
@@ -58,6 +64,7 @@ export function cpuIdentity(): string {
 
 function identity(weightFiles: string[]): Identity {
   return {
+    format: FORMAT,
     onnxruntime: env.versions.common,
     cpu: cpuIdentity(),
     weights: weightFiles.map((file) => {
@@ -175,6 +182,7 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
     // Node Buffer's slice() would share them).
     await slot.create(new Uint8Array(bytes), packed.saveOptions(options, folder));
     await slot.release();
+    alignPacked(folder, MODEL, DATA);
     packed.commit(folder);
     return true;
   } catch (err) {
@@ -225,6 +233,7 @@ export function listPacked(cacheDir: string): PackedEntry[] {
 }
 
 function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: string }): string | undefined {
+  if (record.format !== FORMAT) return "written by another version of blip2";
   if (record.onnxruntime !== here.onnxruntime) return `packed by ONNX Runtime ${record.onnxruntime}`;
   if (record.cpu !== here.cpu) return "packed on another CPU";
   for (const w of record.weights) {

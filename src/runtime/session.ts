@@ -187,15 +187,6 @@ const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
  */
 export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEGER_KERNELS.has(n.op));
 
-/**
- * Whether the graph's packed weights may be kept on disk (runtime/packedModels.ts). Not with
- * `MatMulNBits` (4-bit blocks): ONNX Runtime 1.30 restores its saved packing wrongly once a graph
- * has two of them (two chained MatMulNBits gave NaN after reopening, one alone the same results;
- * the tiny fixtures' q4 generations changed), while `MatMulIntegerToFloat`'s gives the very same
- * results.
- */
-export const keepsPacked = (graph: Graph): boolean => prepacks(graph) && !graph.nodes.some((n) => n.op === "MatMulNBits");
-
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
   private constructor(
@@ -230,7 +221,7 @@ export class CompiledGraph {
     };
     const host = hostFor(options, device);
     const id = ++nextId;
-    if (device === "cpu" && options.packedDir && keepsPacked(graph)) {
+    if (device === "cpu" && options.packedDir && prepacks(graph)) {
       const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
       const weightBytes = graph.initializers.reduce((sum, i) => sum + (i.kind === "external" ? i.byteLength : 0), 0);
       await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes), bytes, sessionOptions);
