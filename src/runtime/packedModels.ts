@@ -173,8 +173,8 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
     fs.mkdirSync(folder, { recursive: true });
     removeAbandoned(path.dirname(folder));
     const free = fs.statfsSync(folder);
-    // The codes and their packed copy, and a gigabyte to spare for everything else on that disk.
-    const need = 2 * packed.weightBytes + GB;
+    // The codes and their packed copy, twice while the copy is page-aligned, and a gigabyte to spare.
+    const need = 4 * packed.weightBytes + GB;
     if (free.bavail * free.bsize < need) {
       throw new Error(`${((free.bavail * free.bsize) / GB).toFixed(1)} GB free on its disk, ${(need / GB).toFixed(1)} GB wanted`);
     }
