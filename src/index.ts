@@ -7,6 +7,6 @@ export type { GenerationOptions } from "./generation/options.js";
 export type { DownloadProgress, HubOptions } from "./hub/download.js";
 export type { ImageInput, RawImage } from "./image/decode.js";
 export { blip2CacheDir, listWeightCaches, pruneWeightCaches, removeWeightCache, type RemovedFiles, type WeightCacheEntry } from "./quantize/weightCache.js";
-export { listPacked, pruneStalePacked, type PackedEntry } from "./runtime/packedModels.js";
+export { listPacked, pruneStalePacked, type PackedEntry, type PackingProgress } from "./runtime/packedModels.js";
 export { Blip2Processor, type ProcessorInputs, type ProcessorOutputs } from "./processor.js";
 export { Blip2Tokenizer } from "./tokenizer/tokenizer.js";

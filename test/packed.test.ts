@@ -15,7 +15,7 @@ const images = [fixture("image0.png"), fixture("image1.png")];
 const texts = ["a photo of a cat", "a drawing of a dog"];
 
 /** ITC similarities and ITM logits of the tiny ITM model in q8, as plain numbers. */
-async function scores(options: { packedWeights?: boolean; blip2Cache?: string } = {}): Promise<number[]> {
+async function scores(options: { packedWeights?: boolean; blip2Cache?: string; packingProgress?: (p: { graph: string; done: boolean }) => void } = {}): Promise<number[]> {
   const model = await Blip2ForImageTextRetrieval.fromPretrained(fixture("tiny-blip2-itm"), { dtype: "q8", blip2Cache: cache, ...options });
   try {
     const itc = (await model.similarity(images, texts)).flat();
@@ -49,7 +49,8 @@ describe("packed weights", () => {
     const killed = path.join(root, "0123abcd-1.tmp-99999999");
     fs.mkdirSync(killed, { recursive: true });
     fs.writeFileSync(path.join(killed, "model.data"), "partial");
-    const first = await scores();
+    const told: string[] = [];
+    const first = await scores({ packingProgress: (p) => void told.push(`${p.graph} ${p.done ? "saved" : "saving"}`) });
     expect(fs.existsSync(killed)).toBe(false);
     const saved = snapshot(root);
     // The sessions with integer kernels: the image path and the text/ITM path.
@@ -61,7 +62,11 @@ describe("packed weights", () => {
       expect(offsets.length).toBeGreaterThan(0);
       expect(offsets.filter((o) => o % 4096 !== 0)).toEqual([]);
     }
-    const second = await scores();
+    // Each saved graph was announced, then reported done; the next load saves nothing.
+    expect(told.length).toBe(2 * Object.keys(saved).length);
+    for (const graph of new Set(told.map((t) => t.split(" ")[0]))) expect(told.filter((t) => t.startsWith(`${graph} `))).toEqual([`${graph} saving`, `${graph} saved`]);
+    const second = await scores({ packingProgress: (p) => void told.push(p.graph) });
+    expect(told.length).toBe(2 * Object.keys(saved).length);
     expect(snapshot(root)).toEqual(saved);
     expect(first).toEqual(inMemory);
     expect(second).toEqual(inMemory);

@@ -5,7 +5,7 @@ import type { ProcessorLoadOptions } from "../processor.js";
 import { resolveDTypes, type DTypeSpec } from "../quantize/dtype.js";
 import { withDTypes, type QuantizeProgress } from "../quantize/quantize.js";
 import { blip2CacheDir } from "../quantize/weightCache.js";
-import { packedRoot } from "../runtime/packedModels.js";
+import { packedRoot, type PackingProgress } from "../runtime/packedModels.js";
 import type { Device, RuntimeOptions } from "../runtime/session.js";
 
 export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
@@ -32,12 +32,14 @@ export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
    * GB). On the CPU only.
    */
   packedWeights?: boolean;
+  /** Told when a session's packed weights start and finish being saved (the first load on a machine, tens of seconds). */
+  packingProgress?: (p: PackingProgress) => void;
 }
 
 /** How the model's sessions run. */
 export function runtimeOptions(options: ModelLoadOptions): RuntimeOptions {
   const packedDir = options.packedWeights === false ? undefined : packedRoot(blip2CacheDir(options.blip2Cache));
-  return { device: options.device, threads: options.threads, worker: options.worker, packedDir };
+  return { device: options.device, threads: options.threads, worker: options.worker, packedDir, packingProgress: options.packingProgress };
 }
 
 export async function loadCheckpoint(src: string, options: ModelLoadOptions): Promise<Checkpoint> {

@@ -97,6 +97,7 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
     device: device as Device | undefined,
     imageBackend,
     packedWeights: args.values["no-packed-cache"] !== true,
+    packingProgress: (p) => (p.done ? progress.clear() : progress.items(`saving packed weights of ${p.graph} for this CPU (once)`, 0, 1)),
     progress: (p) => progress.download(p),
     progressSink: progress,
   };

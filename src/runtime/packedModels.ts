@@ -143,6 +143,12 @@ export class PackedModel {
   }
 }
 
+/** A graph's packed weights being saved (`done` false), then saved or given up (`done` true). */
+export interface PackingProgress {
+  graph: string;
+  done: boolean;
+}
+
 /** One session slot of a host: created from graph bytes or a model file, and released. */
 export interface SessionSlot {
   create(model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
@@ -156,8 +162,13 @@ let nextFolder = 0;
  * cannot be saved (a full disk, a read-only cache) or opened, the session packs its weights in
  * memory as before, with a warning.
  */
-export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<void> {
-  if (!packed.ready() && !(await save(slot, packed, bytes, options))) return slot.create(bytes, options);
+export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, progress?: (p: PackingProgress) => void): Promise<void> {
+  if (!packed.ready()) {
+    progress?.({ graph: packed.graph, done: false });
+    const saved = await save(slot, packed, bytes, options);
+    progress?.({ graph: packed.graph, done: true });
+    if (!saved) return slot.create(bytes, options);
+  }
   try {
     await slot.create(packed.model, packed.openOptions(options));
   } catch (err) {

@@ -15,7 +15,7 @@ import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { rowView, type CacheShape } from "./kvCache.js";
-import { createPacked, PackedModel } from "./packedModels.js";
+import { createPacked, PackedModel, type PackingProgress } from "./packedModels.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export const DEVICES = ["cpu", "webgpu", "cuda"] as const;
@@ -43,6 +43,8 @@ export interface RuntimeOptions {
    * sessions with q8/q4 weights pack them in memory at every load.
    */
   packedDir?: string;
+  /** Told when a graph's packed weights start and finish being saved there (the first load on a machine). */
+  packingProgress?: (p: PackingProgress) => void;
 }
 
 /** The operations of a session host, here or in a worker thread. */
@@ -224,7 +226,7 @@ export class CompiledGraph {
     if (device === "cpu" && options.packedDir && prepacks(graph)) {
       const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
       const weightBytes = graph.initializers.reduce((sum, i) => sum + (i.kind === "external" ? i.byteLength : 0), 0);
-      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes), bytes, sessionOptions);
+      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes), bytes, sessionOptions, options.packingProgress);
     } else {
       await host.create(id, graph.name, bytes, sessionOptions);
     }
