@@ -106,8 +106,13 @@ export class PackedModel {
     }
   }
 
+  /** Removes the copy, where the cache can be written (a read-only one keeps it). */
   remove(): void {
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    try {
+      fs.rmSync(this.dir, { recursive: true, force: true });
+    } catch {
+      // read-only: the copy stays, and each load packs in memory after its warning
+    }
   }
 
   /** Session options that make ONNX Runtime save the optimized graph and its packed weights in `folder`. */
