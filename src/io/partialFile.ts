@@ -1,3 +1,6 @@
+import fs from "node:fs";
+import path from "node:path";
+
 /**
  * Files are written under a partial name, `<file>.tmp-<pid>`, and renamed into place when complete:
  * readers never see half a file, and one left by a killed writer names the process that wrote it.
@@ -17,4 +20,24 @@ export function partialWriterAlive(name: string): boolean | null {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === "EPERM";
   }
+}
+
+/** Bytes of a file, or of everything in a folder. */
+export function bytesOf(p: string): number {
+  const s = fs.statSync(p);
+  return s.isDirectory() ? fs.readdirSync(p).reduce((sum, f) => sum + bytesOf(path.join(p, f)), 0) : s.size;
+}
+
+/**
+ * Removes the partial files and folders in `folder` left by writers that were killed (a
+ * `.tmp-<pid>` whose process is gone): each can be gigabytes. Those of a writer still running in
+ * another process stay.
+ */
+export function removeAbandonedFiles(folder: string): { path: string; bytes: number }[] {
+  const gone = fs.readdirSync(folder).filter((f) => partialWriterAlive(f) === false).map((f) => path.join(folder, f));
+  return gone.map((p) => {
+    const bytes = bytesOf(p);
+    fs.rmSync(p, { recursive: true, force: true });
+    return { path: p, bytes };
+  });
 }

@@ -14,7 +14,8 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
-import { blip2CacheDir, formatFolder, recordSource, removeAbandonedFiles, weightCacheRoot } from "./weightCache.js";
+import { removeAbandonedFiles } from "../io/partialFile.js";
+import { blip2CacheDir, formatFolder, recordSource, weightCacheRoot } from "./weightCache.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
 
 /**

@@ -8,7 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
-import { partialFileWriter, partialWriterAlive } from "../io/partialFile.js";
+import { partialFileWriter, partialWriterAlive, removeAbandonedFiles } from "../io/partialFile.js";
 import { WEIGHTS_FORMAT } from "./dtype.js";
 
 /** A format as a folder name: "blip2-weights/2" is kept in "blip2-weights-2". */
@@ -141,16 +141,3 @@ function removeEmptyFingerprints(cacheDir: string | undefined): void {
 }
 
 const livePartialFile = (file: string) => partialWriterAlive(file) === true;
-
-/**
- * Removes the partial files left by conversions that were killed (a `.tmp-<pid>` whose process is
- * gone): each can be gigabytes. Files of a conversion still running in another process stay.
- */
-export function removeAbandonedFiles(folder: string): { path: string; bytes: number }[] {
-  const gone = fs.readdirSync(folder).filter((f) => partialWriterAlive(f) === false).map((f) => path.join(folder, f));
-  return gone.map((p) => {
-    const bytes = fs.statSync(p).size;
-    fs.rmSync(p, { force: true });
-    return { path: p, bytes };
-  });
-}

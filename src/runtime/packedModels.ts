@@ -19,7 +19,7 @@ import path from "node:path";
 import type * as ort from "onnxruntime-node";
 import { env } from "onnxruntime-node";
 import { describeError } from "../errors.js";
-import { partialFile, partialWriterAlive } from "../io/partialFile.js";
+import { bytesOf, partialFile, partialWriterAlive, removeAbandonedFiles } from "../io/partialFile.js";
 import { warnOnce } from "../warn.js";
 import { alignPacked } from "./alignPacked.js";
 
@@ -187,7 +187,7 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   const folder = partialFile(`${packed.dir}-${++nextFolder}`);
   try {
     fs.mkdirSync(folder, { recursive: true });
-    removeAbandoned(path.dirname(folder));
+    removeAbandonedFiles(path.dirname(folder));
     const free = fs.statfsSync(folder);
     // The codes and their packed copy, twice while the copy is page-aligned, and a gigabyte to spare.
     const need = 4 * packed.weightBytes + GB;
@@ -208,11 +208,6 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   } finally {
     if (fs.existsSync(folder)) fs.rmSync(folder, { recursive: true, force: true });
   }
-}
-
-/** Removes the folders of saves whose process was killed (gigabytes each). */
-function removeAbandoned(root: string): void {
-  for (const name of fs.readdirSync(root)) if (partialWriterAlive(name) === false) fs.rmSync(path.join(root, name), { recursive: true, force: true });
 }
 
 function readRecord(dir: string): PackedRecord | null {
@@ -240,8 +235,9 @@ export function listPacked(cacheDir: string): PackedEntry[] {
   const here = { onnxruntime: env.versions.common, cpu: cpuIdentity() };
   return fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => {
     const dir = path.join(root, d.name);
-    const bytes = fs.readdirSync(dir).reduce((s, f) => s + fs.statSync(path.join(dir, f)).size, 0);
-    if (partialWriterAlive(d.name) !== null) return { dir, bytes, stale: partialWriterAlive(d.name) ? undefined : "left by a process that was killed while saving it" };
+    const bytes = bytesOf(dir);
+    const writing = partialWriterAlive(d.name);
+    if (writing !== null) return { dir, bytes, stale: writing ? undefined : "left by a process that was killed while saving it" };
     const record = readRecord(dir);
     if (!record) return { dir, bytes, stale: "incomplete" };
     return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here) };
