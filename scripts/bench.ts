@@ -19,7 +19,7 @@ import { loadCheckpoint } from "../src/api/load.js";
 import type { TensorInfo } from "../src/io/safetensors.js";
 import { tensorsInUse } from "../src/quantize/quantize.js";
 import { blip2CacheDir } from "../src/quantize/weightCache.js";
-import { listPacked } from "../src/runtime/packedModels.js";
+import { listPacked, packedDataFile } from "../src/runtime/packedModels.js";
 import * as ort from "onnxruntime-node";
 import { attr, Graph } from "../src/ir/graph.js";
 import { CompiledGraph, isDevice } from "../src/runtime/session.js";
@@ -60,7 +60,7 @@ function warm(tensors: TensorInfo[]): void {
   const files = new Set(tensors.map((t) => fs.realpathSync(t.file)));
   for (const e of listPacked(blip2CacheDir())) {
     if (e.stale || !e.weights?.some((f) => files.has(f))) continue;
-    const data = path.join(e.dir, "model.data");
+    const data = packedDataFile(e.dir);
     read(data, 0, fs.statSync(data).size);
   }
 }

@@ -31,6 +31,9 @@ const GB = 1e9;
 /** Where packed weights are kept in a blip2 cache. */
 export const packedRoot = (cacheDir: string) => path.join(cacheDir, "packed");
 
+/** The data file of the packed copy in `dir` (the weights that are mapped). */
+export const packedDataFile = (dir: string) => path.join(dir, DATA);
+
 /** How blip2 writes packed copies (see alignPacked.ts); copies written otherwise are not opened. */
 const FORMAT = "blip2-packed/2";
 
@@ -100,7 +103,7 @@ export class PackedModel {
     const record = readRecord(this.dir);
     if (!record) return false;
     try {
-      return fs.statSync(path.join(this.dir, DATA)).size === record.dataBytes && fs.existsSync(this.model);
+      return fs.statSync(packedDataFile(this.dir)).size === record.dataBytes && fs.existsSync(this.model);
     } catch {
       return false;
     }
@@ -137,7 +140,7 @@ export class PackedModel {
    * process has been first, its copy stays.
    */
   commit(folder: string): void {
-    const record: PackedRecord = { graph: this.graph, ...this.identity, dataBytes: fs.statSync(path.join(folder, DATA)).size };
+    const record: PackedRecord = { graph: this.graph, ...this.identity, dataBytes: fs.statSync(packedDataFile(folder)).size };
     fs.writeFileSync(path.join(folder, RECORD), JSON.stringify(record, null, 1) + "\n");
     if (fs.existsSync(this.dir) && !this.ready()) this.remove();
     try {
