@@ -322,8 +322,8 @@ describe("tiny-blip2-itm in q8", () => {
   });
 });
 
-describe("quantized OPT prompts run one row at a time", () => {
-  it("give each row the logits, and the cache, it gets alone", async () => {
+describe("quantized OPT prompts of several rows", () => {
+  it("give each row the logits, and the cache, it gets alone (each row is quantized on its own)", async () => {
     const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
     const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: "q8", blip2Cache: cache });
     loaded.push(b);

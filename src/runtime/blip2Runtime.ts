@@ -10,7 +10,6 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, t5EncoderGraph, type GraphOptions } from "../models/blip2.js";
 import { relativePositionBuckets } from "../models/t5.js";
 import type { Graph, Target } from "../ir/graph.js";
-import { isQuantized } from "../quantize/dtype.js";
 import { runImages, SessionCache, tensor, VISION_SESSION, type CacheHandle, type CompiledGraph, type RuntimeOptions, type SessionOptions } from "./session.js";
 
 export type Tensors = Record<string, ort.Tensor>;
@@ -138,16 +137,13 @@ export class Blip2Runtime {
   /**
    * OPT over new positions (`mask` is their attention mask) after those in `cache`, which receives
    * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
-   * that generation needs). With quantized weights a prompt of several rows runs one row at a
-   * time: ONNX Runtime's arena keeps the largest outputs of a run, the new keys/values (100 MB for
-   * 4 rows of OPT-2.7B's prompt), and one row's are a quarter of that, for a few percent more time
-   * (q8, 4 rows of 46 positions: 2.9-3.05 s against 2.8-2.9 s). Float32 weights are packed again by
-   * every Gemm run, so their rows stay together (5.5 s against 7.0 s).
+   * that generation needs). The rows of a prompt run together: each pass streams every weight
+   * from memory, so OPT-2.7B q8's 4 prompts took 0.66-0.69 s together against 1.1 s one by one;
+   * ONNX Runtime's arena then keeps their new keys/values (110 MB for 4 rows of 42 positions).
    */
   async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false): Promise<Tensors> {
     const s = await this.session("opt_decoder");
-    const byRow = embeds.dims[1]! > 1 && isQuantized(this.checkpoint.dtypes.language) ? ["inputs_embeds"] : undefined;
-    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask, byRow });
+    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask });
   }
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */

@@ -234,9 +234,9 @@ export class CompiledGraph {
   }
 
   /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
-  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][]; byRow?: string[] }): Promise<Record<string, ort.Tensor>> {
+  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][] }): Promise<Record<string, ort.Tensor>> {
     if (step) this.checkHost(step.cache);
-    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask, byRow: step.byRow });
+    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask });
     if (step) step.cache.length += step.mask[0]!.length;
     return run;
   }

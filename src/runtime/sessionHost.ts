@@ -6,17 +6,12 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { KvCache, rowView, type CacheShape } from "./kvCache.js";
+import { KvCache, type CacheShape } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
   cache: number;
   mask: number[][];
-  /**
-   * Run one row at a time, these feeds split by row (the others shared); the outputs are joined
-   * again. For prompts: ONNX Runtime's arena keeps a run's largest outputs, the new keys/values.
-   */
-  byRow?: string[];
 }
 
 /** The operations a host offers; ids are chosen by the caller. */
@@ -36,16 +31,9 @@ export class SessionHost {
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
     if (!step) return this.runSession(id, feeds);
     const cache = this.cache(step.cache);
-    const { mask, byRow } = step;
-    const runRows = async (first: number, count: number) => {
-      const rowMask = mask.slice(first, first + count);
-      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, byRow, first, count), ...cache.inputs(rowMask, first) });
-      cache.write(outputs, rowMask, first);
-      for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
-      return outputs;
-    };
-    const outputs = byRow && mask.length > 1 ? await joinRows(mask.length, (r) => runRows(r, 1)) : await runRows(0, mask.length);
-    cache.advance(mask[0]!.length);
+    const outputs = await this.runSession(id, { ...feeds, ...cache.inputs(step.mask) });
+    cache.write(outputs, step.mask);
+    for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
     return outputs;
   }
 
@@ -93,11 +81,6 @@ export class SessionHost {
     if (!c) throw new Blip2Error(`internal: no key/value cache ${id}`);
     return c;
   }
-}
-
-/** Rows `first`..`first + count` of the feeds named in `byRow` (views). */
-function rowFeeds(feeds: Record<string, ort.Tensor>, byRow: string[] | undefined, first: number, count: number): Record<string, ort.Tensor> {
-  return Object.fromEntries((byRow ?? []).map((name) => [name, rowView(feeds[name]!, first, count)]));
 }
 
 /**
