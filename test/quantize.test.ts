@@ -323,7 +323,7 @@ describe("tiny-blip2-itm in q8", () => {
 });
 
 describe("quantized OPT prompts of several rows", () => {
-  it("give each row the logits, and the cache, it gets alone (each row is quantized on its own)", async () => {
+  it("give each row the logits, and the cache, it gets alone (each row is quantized on its own), run together or in chunks", async () => {
     const ref = JSON.parse(fs.readFileSync(fixture("tiny-blip2-opt", "reference.json"), "utf8"));
     const b = await Blip2.load(fixture("tiny-blip2-opt"), { dtype: "q8", blip2Cache: cache });
     loaded.push(b);
@@ -332,14 +332,14 @@ describe("quantized OPT prompts of several rows", () => {
     const inputs = await b.processor({ images, text: ref.batch.prompts, paddingSide: "left" });
     const features = await b.model.imageFeatures(inputs.pixelValues!, 2);
     const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, features);
-    /** Last-position logits of the prompt, then of one more token (id 5), for `rows`. */
-    const run = async (rows: number[]) => {
+    /** Last-position logits of the prompt (`rowsPerRun` rows per pass), then of one more token (id 5), for `rows`. */
+    const run = async (rows: number[], rowsPerRun?: number) => {
       const width = embeds.dims[1]!;
       const size = width * embeds.dims[2]!;
       const data = embeds.data as Float32Array;
       const part = new ort.Tensor("float32", Float32Array.from(rows.flatMap((r) => Array.from(data.subarray(r * size, (r + 1) * size)))), [rows.length, ...embeds.dims.slice(1)]);
       const c = await rt.newCache(rows.length, width + 1);
-      const prompt = (await rt.optDecode(part, rows.map((r) => mask[r]!), c, true)).logits!.data as Float32Array;
+      const prompt = (await rt.optDecode(part, rows.map((r) => mask[r]!), c, true, rowsPerRun)).logits!.data as Float32Array;
       const step = (await rt.optDecode(await rt.embed(rows.map(() => [5])), rows.map(() => [1]), c, true)).logits!.data as Float32Array;
       await c.drop();
       return { prompt, step };
@@ -351,6 +351,9 @@ describe("quantized OPT prompts of several rows", () => {
       expect(maxDiff(both.prompt.subarray(r * vocab, (r + 1) * vocab), alone.prompt)).toBeLessThan(1e-4);
       expect(maxDiff(both.step.subarray(r * vocab, (r + 1) * vocab), alone.step)).toBeLessThan(1e-4);
     }
+    const chunked = await run([0, 1], 1);
+    expect(maxDiff(chunked.prompt, both.prompt)).toBeLessThan(1e-4);
+    expect(maxDiff(chunked.step, both.step)).toBeLessThan(1e-4);
   });
 });
 

@@ -162,3 +162,16 @@ describe("key/value cache", () => {
     expect(new KvCache({ layers: 1, rows: 2, heads: 1, capacity: 1, headDim: 4 }).tensors["past.0.key"]!.dims).toEqual([2, 1, 1, 4]);
   });
 });
+
+describe("OPT prompt passes", () => {
+  it("take a batch of captions or questions in one pass, a long chat context alone", async () => {
+    const { promptRowsPerRun } = await import("../src/runtime/blip2Runtime.js");
+    const opt27 = { numHiddenLayers: 32, hiddenSize: 2560 };
+    const opt67 = { numHiddenLayers: 32, hiddenSize: 4096 };
+    expect(promptRowsPerRun(opt27, 38)).toBeGreaterThanOrEqual(5); // 4 captions, or 5 beams of one
+    expect(promptRowsPerRun(opt27, 64)).toBe(4);
+    expect(promptRowsPerRun(opt67, 42)).toBe(4);
+    expect(promptRowsPerRun(opt27, 512)).toBe(1);
+    expect(promptRowsPerRun(opt67, 2048)).toBe(1);
+  });
+});

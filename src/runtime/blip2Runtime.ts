@@ -137,13 +137,15 @@ export class Blip2Runtime {
   /**
    * OPT over new positions (`mask` is their attention mask) after those in `cache`, which receives
    * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
-   * that generation needs). The rows of a prompt run together: each pass streams every weight
-   * from memory, so OPT-2.7B q8's 4 prompts took 0.66-0.69 s together against 1.1 s one by one;
-   * ONNX Runtime's arena then keeps their new keys/values (110 MB for 4 rows of 42 positions).
+   * that generation needs). The rows of a prompt run together, as many as keep the run's new
+   * keys/values within PROMPT_KEY_VALUE_BYTES (`rowsPerRun` overrides): each pass streams every
+   * weight from memory, so OPT-2.7B q8's 4 prompts of 42 positions took 0.66-0.69 s together against
+   * 1.1 s one by one, while ONNX Runtime's arena keeps a run's largest outputs, those keys/values.
    */
-  async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false): Promise<Tensors> {
+  async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false, rowsPerRun = promptRowsPerRun(this.opt, embeds.dims[1]!)): Promise<Tensors> {
     const s = await this.session("opt_decoder");
-    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask });
+    const chunks = { rows: rowsPerRun, feeds: ["inputs_embeds"] };
+    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask, chunks });
   }
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
@@ -200,6 +202,18 @@ export class Blip2Runtime {
   release(): Promise<void> {
     return this.sessions.release();
   }
+}
+
+/**
+ * The most new keys/values one OPT pass returns: 4 rows of 64 positions of OPT-2.7B (a batch of
+ * captions or questions) run together, a long chat context of one row alone.
+ */
+const PROMPT_KEY_VALUE_BYTES = 192 * 2 ** 20;
+
+/** How many rows of `length` new positions one OPT pass takes (at least one). */
+export function promptRowsPerRun(cfg: Pick<OptConfig, "numHiddenLayers" | "hiddenSize">, length: number): number {
+  const bytesPerRow = length * cfg.numHiddenLayers * 2 * cfg.hiddenSize * Float32Array.BYTES_PER_ELEMENT;
+  return Math.max(1, Math.floor(PROMPT_KEY_VALUE_BYTES / bytesPerRow));
 }
 
 function logitsPositions(length: number, lastOnly: boolean): ort.Tensor {

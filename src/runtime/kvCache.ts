@@ -45,32 +45,38 @@ export class KvCache {
   }
 
   /**
-   * A step's inputs from the cache: every slot's keys/values (the buffers themselves, not copies),
-   * the cross-attention inputs, and the attention mask (every slot, then the new positions' own
-   * `newMask`, one row per cache row).
+   * A step's inputs from the cache for rows `first`..`first + count` (the whole cache by default):
+   * every slot's keys/values (views, not copies), the cross-attention inputs, and the attention
+   * mask (every slot, then the new positions' own `newMask`).
    */
-  inputs(newMask: number[][]): Record<string, ort.Tensor> {
-    if (newMask.length !== this.shape.rows) throw new Blip2Error(`internal: ${newMask.length} rows for a cache of ${this.shape.rows}`);
-    return { attention_mask: this.stepMask(newMask), ...this.tensors, ...this.cross };
+  inputs(newMask: number[][], first = 0): Record<string, ort.Tensor> {
+    const count = newMask.length;
+    if (first + count > this.shape.rows) throw new Blip2Error(`internal: rows ${first}..${first + count} of a cache of ${this.shape.rows}`);
+    const whole = first === 0 && count === this.shape.rows;
+    const rowsOf = (t: ort.Tensor) => (whole ? t : rowView(t, first, count));
+    const out: Record<string, ort.Tensor> = { attention_mask: this.stepMask(newMask, first) };
+    for (const [name, t] of Object.entries({ ...this.tensors, ...this.cross })) out[name] = rowsOf(t);
+    return out;
   }
 
-  private stepMask(newMask: number[][]): ort.Tensor {
+  private stepMask(newMask: number[][], first: number): ort.Tensor {
     const { capacity } = this.shape;
     const width = newMask[0]!.length;
     const out = new BigInt64Array(newMask.length * (capacity + width));
     newMask.forEach((row, i) => {
       const at = i * (capacity + width);
-      for (let s = 0; s < capacity; s++) out[at + s] = BigInt(this.slotMask[i * capacity + s]!);
+      for (let s = 0; s < capacity; s++) out[at + s] = BigInt(this.slotMask[(first + i) * capacity + s]!);
       row.forEach((m, j) => (out[at + capacity + j] = BigInt(m)));
     });
     return new ort.Tensor("int64", out, [newMask.length, capacity + width]);
   }
 
   /**
-   * Writes a step's new keys/values (`new.{i}.key`, [rows, S, heads * headDim], the projections as
-   * the decoder computed them) into the next free slots, head by head, and counts them as filled.
+   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, S, heads * headDim],
+   * the projections as the decoder computed them) into the next free slots, head by head;
+   * `advance` then counts them as filled, once every row is written.
    */
-  write(outputs: Record<string, ort.Tensor>, newMask: number[][]): void {
+  write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
     const steps = newMask[0]!.length;
     const { heads, capacity, headDim } = this.shape;
     if (this.length + steps > capacity) throw new Blip2Error(`internal: key/value cache of ${capacity} positions is full`);
@@ -82,12 +88,15 @@ export class KvCache {
         for (let s = 0; s < steps; s++) {
           for (let h = 0; h < heads; h++) {
             const from = ((r * steps + s) * heads + h) * headDim;
-            dst.set(src.subarray(from, from + headDim), ((r * heads + h) * capacity + this.length + s) * headDim);
+            dst.set(src.subarray(from, from + headDim), (((first + r) * heads + h) * capacity + this.length + s) * headDim);
           }
         }
       }
     }
-    newMask.forEach((row, i) => row.forEach((m, j) => (this.slotMask[i * capacity + this.length + j] = m)));
+    newMask.forEach((row, i) => row.forEach((m, j) => (this.slotMask[(first + i) * capacity + this.length + j] = m)));
+  }
+
+  advance(steps: number): void {
     this.length += steps;
   }
 

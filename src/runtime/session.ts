@@ -234,9 +234,9 @@ export class CompiledGraph {
   }
 
   /** Runs the session; with `step`, also attends to and extends a key/value cache of the same host. */
-  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][] }): Promise<Record<string, ort.Tensor>> {
+  run(feeds: Record<string, ort.Tensor>, step?: { cache: CacheHandle; mask: number[][]; chunks?: CacheStep["chunks"] }): Promise<Record<string, ort.Tensor>> {
     if (step) this.checkHost(step.cache);
-    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask });
+    const run = this.host.run(this.id, feeds, step && { cache: step.cache.id, mask: step.mask, chunks: step.chunks });
     if (step) step.cache.length += step.mask[0]!.length;
     return run;
   }
@@ -357,7 +357,7 @@ export async function runImages(s: CompiledGraph, pixelValues: Float32Array, bat
   if (pixelValues.length !== expected) throw new Blip2Error(`pixel_values has ${pixelValues.length} values, expected ${batch}x3x${size}x${size}`);
   const pixels = tensor.f32(pixelValues, [batch, 3, size, size]);
   if (s.device !== "cpu" || batch === 1) return s.run({ pixel_values: pixels });
-  return joinRows(batch, (b) => s.run({ pixel_values: rowView(pixels, b, 1) }));
+  return joinRows(batch, 1, (b) => s.run({ pixel_values: rowView(pixels, b, 1) }));
 }
 
 /** Sessions by name, each created from its graph on first use. */

@@ -6,12 +6,18 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { KvCache, type CacheShape } from "./kvCache.js";
+import { KvCache, rowView, type CacheShape } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
   cache: number;
   mask: number[][];
+  /**
+   * Run `rows` rows at a time, the feeds named split by row (the others shared); the outputs are
+   * joined again. For long prompts: ONNX Runtime's arena keeps a run's largest outputs, the new
+   * keys/values.
+   */
+  chunks?: { rows: number; feeds: string[] };
 }
 
 /** The operations a host offers; ids are chosen by the caller. */
@@ -31,9 +37,16 @@ export class SessionHost {
   async run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>> {
     if (!step) return this.runSession(id, feeds);
     const cache = this.cache(step.cache);
-    const outputs = await this.runSession(id, { ...feeds, ...cache.inputs(step.mask) });
-    cache.write(outputs, step.mask);
-    for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
+    const { mask, chunks } = step;
+    const runRows = async (first: number, count: number) => {
+      const rowMask = mask.slice(first, first + count);
+      const outputs = await this.runSession(id, { ...feeds, ...rowFeeds(feeds, chunks?.feeds, first, count), ...cache.inputs(rowMask, first) });
+      cache.write(outputs, rowMask, first);
+      for (const key of Object.keys(outputs)) if (key.startsWith("new.")) delete outputs[key];
+      return outputs;
+    };
+    const outputs = chunks && chunks.rows < mask.length ? await joinRows(mask.length, chunks.rows, runRows) : await runRows(0, mask.length);
+    cache.advance(mask[0]!.length);
     return outputs;
   }
 
@@ -83,16 +96,22 @@ export class SessionHost {
   }
 }
 
+/** Rows `first`..`first + count` of the feeds named (views). */
+function rowFeeds(feeds: Record<string, ort.Tensor>, names: string[] | undefined, first: number, count: number): Record<string, ort.Tensor> {
+  return Object.fromEntries((names ?? []).map((name) => [name, rowView(feeds[name]!, first, count)]));
+}
+
 /**
- * Runs `runRow` for each of `rows` rows and joins its float outputs ([1, ...] each) by name into
- * [rows, ...]; a row's outputs are let go as soon as they are copied.
+ * Runs `run` over `rows` rows, `per` at a time, and joins its float outputs ([count, ...] each) by
+ * name into [rows, ...]; a run's outputs are let go as soon as they are copied.
  */
-export async function joinRows(rows: number, runRow: (row: number) => Promise<Record<string, ort.Tensor>>): Promise<Record<string, ort.Tensor>> {
+export async function joinRows(rows: number, per: number, run: (first: number, count: number) => Promise<Record<string, ort.Tensor>>): Promise<Record<string, ort.Tensor>> {
   const out: Record<string, ort.Tensor> = {};
-  for (let r = 0; r < rows; r++) {
-    for (const [name, t] of Object.entries(await runRow(r))) {
-      out[name] ??= new ort.Tensor("float32", new Float32Array(t.size * rows), [rows, ...t.dims.slice(1)]);
-      (out[name].data as Float32Array).set(t.data as Float32Array, r * t.size);
+  for (let first = 0; first < rows; first += per) {
+    for (const [name, t] of Object.entries(await run(first, Math.min(per, rows - first)))) {
+      const rowSize = t.size / t.dims[0]!;
+      out[name] ??= new ort.Tensor("float32", new Float32Array(rowSize * rows), [rows, ...t.dims.slice(1)]);
+      (out[name].data as Float32Array).set(t.data as Float32Array, first * rowSize);
     }
   }
   return out;
