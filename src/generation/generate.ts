@@ -44,17 +44,18 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   await rt.prepare();
   const batch = inputs.inputIds.length;
   const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, await imageFeatures(rt, inputs));
-  // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent.
+  // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent. The
+  // copies of a prompt are the same, so each prompt runs once and its results are copied.
   const copies = g.numBeams > 1 ? g.numBeams : g.numReturnSequences;
   const rows = repeatRows(Array.from({ length: batch }, (_, i) => i), copies);
   let decoding: OptDecoding | T5Decoding;
   let prompts: number[][];
   if (rt.config.text.modelType === "opt") {
-    decoding = new OptDecoding(rt, gatherRows(embeds, rows), rows.map((r) => [...mask[r]!]), g.maxNewTokens);
+    decoding = new OptDecoding(rt, embeds, mask, rows, g.maxNewTokens);
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
-    const encoder = await rt.t5Encode(gatherRows(embeds, rows), rows.map((r) => mask[r]!));
-    decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
+    const encoder = await rt.t5Encode(embeds, mask);
+    decoding = new T5Decoding(rt, gatherRows(encoder.last_hidden_state!, rows), rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
@@ -104,10 +105,12 @@ function lastPosition(logits: ort.Tensor): Float32Array {
 class OptDecoding implements DecodingModel {
   private cache: CacheHandle | null = null;
 
+  /** `rows`: the prompt (of `embeds` and `promptMask`) each decoding row continues. */
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly embeds: ort.Tensor,
     private readonly promptMask: number[][],
+    private readonly rows: number[],
     private readonly maxNewTokens: number,
   ) {}
 
@@ -115,9 +118,12 @@ class OptDecoding implements DecodingModel {
     return this.rt.config.text.vocabSize;
   }
 
+  /** Each prompt once, into the cache's first rows, which are then copied to the rows that continue it. */
   async prefill(): Promise<Float32Array> {
-    this.cache = await this.rt.newCache(this.promptMask.length, this.embeds.dims[1]! + this.maxNewTokens);
-    return lastPosition((await this.rt.optDecode(this.embeds, this.promptMask, this.cache, true)).logits!);
+    this.cache = await this.rt.newCache(this.rows.length, this.embeds.dims[1]! + this.maxNewTokens);
+    const logits = lastPosition((await this.rt.optDecode(this.embeds, this.promptMask, this.cache, true)).logits!);
+    await this.cache.reorder(this.rows);
+    return gatherRows(tensor.f32(logits, [this.promptMask.length, this.vocabSize]), this.rows).data as Float32Array;
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
