@@ -4,12 +4,13 @@
  * tokens there: compared on the new tokens), step logits included.
  */
 import fs from "node:fs";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { generateIds } from "../src/generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../src/generation/options.js";
 import { sampleOrGreedy, type DecodingModel } from "../src/generation/search.js";
 import { Checkpoint } from "../src/io/checkpoint.js";
 import { Blip2Runtime } from "../src/runtime/blip2Runtime.js";
+import { CompiledGraph } from "../src/runtime/session.js";
 import { expectClose, fixture, loadReference, type RefTensor } from "./helpers.js";
 
 const runtimes: Blip2Runtime[] = [];
@@ -80,11 +81,15 @@ describe.each(["opt", "t5"])("hf-4.45/%s generate (transformers 4.45)", (variant
     expectClose(`${key}_step_logits`, { shape: [stepLogits.length, 2, refLogits.shape[2]!], data: concat(...stepLogits) }, refLogits);
   });
 
-  it("beam search (3 beams): sequences and scores", async () => {
+  it("beam search (3 beams): sequences and scores; T5's cross-attention keys/values once per input", async () => {
     const inputIds = rows(ref.get("input_ids")!);
+    const cross = vi.spyOn(CompiledGraph.prototype, "runIntoCache");
     const out = await generateIds(rt, { pixelValues, inputIds, attentionMask: ones(inputIds) }, options({ maxNewTokens: 8, numBeams: 3 }));
     expect(as445(out.sequences, inputIds[0]!.length)).toEqual(json.generation.beam.sequences);
     expectClose("beam scores", { shape: [2], data: Float32Array.from(out.scores!) }, ref.get("beam_sequences_scores")!);
+    // 2 inputs x 3 beams decode as 6 rows; the projections run over the 2 encoder outputs.
+    expect(cross.mock.calls.map(([feeds]) => feeds.encoder_hidden_states!.dims[0])).toEqual(variant === "t5" ? [2] : []);
+    cross.mockRestore();
   });
 });
 

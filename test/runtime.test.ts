@@ -165,6 +165,15 @@ describe("key/value cache", () => {
     expect(() => new KvCache({ layers: 1, rows: 1, heads: 1, capacity: 0, headDim: 4 })).toThrow(/at least one slot, got 0/);
     expect(new KvCache({ layers: 1, rows: 2, heads: 1, capacity: 1, headDim: 4 }).tensors["past.0.key"]!.dims).toEqual([2, 1, 1, 4]);
   });
+
+  it("gathers rows in the order asked (beams of one input), copying only when it must", async () => {
+    const { gatherRows } = await import("../src/runtime/kvCache.js");
+    const t = new ort.Tensor("float32", Float32Array.from({ length: 12 }, (_, i) => i), [3, 2, 2]);
+    const g = gatherRows(t, [2, 0, 0, 1]);
+    expect(g.dims).toEqual([4, 2, 2]);
+    expect(Array.from(g.data as Float32Array)).toEqual([8, 9, 10, 11, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]);
+    expect(gatherRows(t, [0, 1, 2])).toBe(t);
+  });
 });
 
 describe("OPT prompt passes", () => {

@@ -10,6 +10,7 @@
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
 import type { Blip2Runtime } from "../runtime/blip2Runtime.js";
+import { gatherRows } from "../runtime/kvCache.js";
 import type { CacheHandle } from "../runtime/session.js";
 import { tensor } from "../runtime/session.js";
 import type { ResolvedGeneration } from "./options.js";
@@ -55,7 +56,7 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(embeds, mask);
-    decoding = new T5Decoding(rt, gatherRows(encoder.last_hidden_state!, rows), rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
+    decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
@@ -79,17 +80,6 @@ function observeLogits(model: DecodingModel, onLogits: (logits: Float32Array) =>
 
 function repeatRows(rows: number[], copies: number): number[] {
   return rows.flatMap((r) => new Array(copies).fill(r));
-}
-
-/** Rows of a [N, ...] float tensor, in the given order. */
-function gatherRows(t: ort.Tensor, rows: number[]): ort.Tensor {
-  const [n, ...rest] = t.dims as number[];
-  const size = rest.reduce((a, b) => a * b, 1);
-  if (rows.length === n && rows.every((r, i) => r === i)) return t;
-  const src = t.data as Float32Array;
-  const out = new Float32Array(rows.length * size);
-  rows.forEach((r, i) => out.set(src.subarray(r * size, (r + 1) * size), i * size));
-  return tensor.f32(out, [rows.length, ...rest]);
 }
 
 /** Logits of the last position of every row: [rows, S, V] -> [rows * V]. */
@@ -143,9 +133,11 @@ class OptDecoding implements DecodingModel {
 class T5Decoding implements DecodingModel {
   private cache: CacheHandle | null = null;
 
+  /** `rows`: the input (of `encoderHidden`) each decoding row continues; `encoderMask` is per decoding row. */
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly encoderHidden: ort.Tensor,
+    private readonly rows: number[],
     private readonly encoderMask: number[][],
     private readonly startToken: number,
     private readonly maxNewTokens: number,
@@ -156,7 +148,7 @@ class T5Decoding implements DecodingModel {
   }
 
   async prefill(): Promise<Float32Array> {
-    this.cache = await this.rt.t5Cache(this.encoderHidden, 1 + this.maxNewTokens);
+    this.cache = await this.rt.t5Cache(this.encoderHidden, 1 + this.maxNewTokens, this.rows);
     return this.step(this.encoderMask.map(() => this.startToken));
   }
 

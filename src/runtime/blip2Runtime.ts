@@ -162,11 +162,12 @@ export class Blip2Runtime {
 
   /**
    * T5's decoder cache for the encoder's output (one row per input) and `capacity` new positions:
-   * it holds every layer's cross-attention keys/values (`cross.{i}.key`), computed here once.
+   * it holds every layer's cross-attention keys/values (`cross.{i}.key`), computed here once per
+   * input. With `rows` (beams, samples), decoding row i continues input `rows[i]`.
    */
-  async t5Cache(encoderHidden: ort.Tensor, capacity: number): Promise<CacheHandle> {
-    const cache = await this.newCache(encoderHidden.dims[0]!, capacity);
-    await (await this.session("t5_cross")).runIntoCache({ encoder_hidden_states: encoderHidden }, cache);
+  async t5Cache(encoderHidden: ort.Tensor, capacity: number, rows?: number[]): Promise<CacheHandle> {
+    const cache = await this.newCache(rows?.length ?? encoderHidden.dims[0]!, capacity);
+    await (await this.session("t5_cross")).runIntoCache({ encoder_hidden_states: encoderHidden }, cache, rows);
     return cache;
   }
 

@@ -115,6 +115,17 @@ export class KvCache {
   }
 }
 
+/** Rows of a [N, ...] float32 tensor in the given order (the tensor itself when that is all of them in order). */
+export function gatherRows(t: ort.Tensor, rows: number[]): ort.Tensor {
+  const [n, ...rest] = t.dims as number[];
+  if (rows.length === n && rows.every((r, i) => r === i)) return t;
+  const size = t.size / n!;
+  const src = t.data as Float32Array;
+  const out = new Float32Array(rows.length * size);
+  rows.forEach((r, i) => out.set(src.subarray(r * size, (r + 1) * size), i * size));
+  return new ort.Tensor("float32", out, [rows.length, ...rest]);
+}
+
 /** Rows `first`..`first + count` of a [rows, ...] tensor, sharing its memory. */
 export function rowView(t: ort.Tensor, first: number, count: number): ort.Tensor {
   const [rows, ...rest] = t.dims as number[];

@@ -53,7 +53,7 @@ interface Host {
   create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
   release(id: number): Promise<void>;
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number): Promise<void>;
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]): Promise<void>;
   newCache(id: number, shape: CacheShape): Promise<void>;
   reorderCache(id: number, index: number[]): Promise<void>;
   dropCache(id: number): Promise<void>;
@@ -70,8 +70,8 @@ class LocalHost implements Host {
   release(id: number) {
     return this.host.release(id);
   }
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
-    return this.host.runIntoCache(id, feeds, cache);
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]) {
+    return this.host.runIntoCache(id, feeds, cache, rows);
   }
   async newCache(id: number, shape: CacheShape) {
     this.host.newCache(id, shape);
@@ -136,8 +136,8 @@ class WorkerHost implements Host {
   release(id: number) {
     return this.call<void>({ op: "release", id });
   }
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
-    return this.call<void>({ op: "runIntoCache", id, feeds: toWire(feeds), cache });
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]) {
+    return this.call<void>({ op: "runIntoCache", id, feeds: toWire(feeds), cache, rows });
   }
   newCache(id: number, shape: CacheShape) {
     return this.call<void>({ op: "newCache", id, shape });
@@ -244,10 +244,11 @@ export class CompiledGraph {
   /**
    * Runs the session and keeps its outputs beside `cache`, fed to each of its steps (T5's
    * cross-attention keys/values: 60 MB for 4 rows of Flan-T5-XL, never sent between threads).
+   * With `rows`, the cache's row i gets the outputs' row `rows[i]` (beams of one input share it).
    */
-  runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle): Promise<void> {
+  runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle, rows?: number[]): Promise<void> {
     this.checkHost(cache);
-    return this.host.runIntoCache(this.id, feeds, cache.id);
+    return this.host.runIntoCache(this.id, feeds, cache.id, rows);
   }
 
   /** A key/value cache beside this session (see runtime/kvCache.ts). */
