@@ -166,6 +166,20 @@ describe("key/value cache", () => {
     expect(new KvCache({ layers: 1, rows: 2, heads: 1, capacity: 1, headDim: 4 }).tensors["past.0.key"]!.dims).toEqual([2, 1, 1, 4]);
   });
 
+  it("gives a prompt's pass one masked slot while empty, then every slot", async () => {
+    const { KvCache } = await import("../src/runtime/kvCache.js");
+    const cache = new KvCache({ layers: 1, rows: 2, heads: 2, capacity: 5, headDim: 3 });
+    const prompt = cache.inputs([[0, 1, 1], [1, 1, 1]]);
+    expect(prompt["past.0.key"]!.dims).toEqual([2, 2, 1, 3]);
+    expect(Array.from(prompt.attention_mask!.data as BigInt64Array, Number)).toEqual([0, 0, 1, 1, 0, 1, 1, 1]);
+    const fresh = new ort.Tensor("float32", new Float32Array(2 * 3 * 6).fill(1), [2, 3, 6]);
+    cache.write({ "new.0.key": fresh, "new.0.value": fresh }, [[0, 1, 1], [1, 1, 1]]);
+    cache.advance(3);
+    const step = cache.inputs([[1], [1]]);
+    expect(step["past.0.key"]!.dims).toEqual([2, 2, 5, 3]);
+    expect(Array.from(step.attention_mask!.data as BigInt64Array, Number)).toEqual([0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 1]);
+  });
+
   it("gathers rows in the order asked (beams of one input), copying only when it must", async () => {
     const { gatherRows } = await import("../src/runtime/kvCache.js");
     const t = new ort.Tensor("float32", Float32Array.from({ length: 12 }, (_, i) => i), [3, 2, 2]);

@@ -177,7 +177,7 @@ export class Blip2Runtime {
     const length = decoderInputIds[0]!.length;
     // Slot j of the cache holds position j; the new tokens follow the filled slots.
     const queries = Array.from({ length }, (_, i) => cache.length + i);
-    const keys = [...Array.from({ length: cache.capacity }, (_, j) => j), ...queries];
+    const keys = [...Array.from({ length: cache.fedSlots }, (_, j) => j), ...queries];
     const mask = decoderInputIds.map((row) => row.map(() => 1));
     const feeds = {
       decoder_input_ids: tensor.i64(decoderInputIds.flat(), [decoderInputIds.length, length]),

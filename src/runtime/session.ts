@@ -14,7 +14,7 @@ import { Graph, type Target } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
-import { rowView, type CacheShape } from "./kvCache.js";
+import { fedSlots, rowView, type CacheShape } from "./kvCache.js";
 import { createPacked, PackedModel, type PackingProgress } from "./packedModels.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
@@ -276,6 +276,11 @@ export class CacheHandle {
     readonly id: number,
     readonly capacity: number,
   ) {}
+
+  /** Slots the next step is given: one while the cache is empty, else all (see KvCache.fedSlots). */
+  get fedSlots(): number {
+    return fedSlots(this.length, this.capacity);
+  }
 
   reorder(index: number[]): Promise<void> {
     return this.host.reorderCache(this.id, index);
