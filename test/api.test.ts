@@ -3,8 +3,9 @@
  * generate: every tiny 5.17 case, the batch and the legacy entries; the task helpers; chat.
  */
 import fs from "node:fs";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2, Blip2ForConditionalGeneration, Blip2Processor, pipeline, type GenerationOptions } from "../src/index.js";
+import { Blip2Runtime } from "../src/runtime/blip2Runtime.js";
 import { fixture } from "./helpers.js";
 
 const loaded: { dispose(): Promise<void> }[] = [];
@@ -106,6 +107,42 @@ describe("chat", () => {
     }
     expect(dropped.length).toBeGreaterThan(0);
     expect(chat.history).toHaveLength(30);
+  });
+
+  it("keeps the cache between turns: the answers of whole passes, each turn running only what is new", async () => {
+    const b = await blip2;
+    const decode = vi.spyOn(Blip2Runtime.prototype, "optDecode");
+    const talk = async (keepCache: boolean) => {
+      decode.mockClear();
+      const chat = await b.chat(fixture("image0.png"), { contextWindow: 48, keepCache });
+      const answers: string[] = [];
+      for (let turn = 0; turn < 8; turn++) answers.push((await chat.ask(`what is in picture ${turn}?`, { maxNewTokens: 4, minNewTokens: 4 })).answer);
+      await chat.dispose();
+      // Prefills and steps: the positions the language model ran.
+      return { answers, positions: decode.mock.calls.reduce((n, [embeds]) => n + embeds.dims[1]!, 0) };
+    };
+    const kept = await talk(true);
+    const whole = await talk(false);
+    decode.mockRestore();
+    expect(kept.answers).toEqual(whole.answers);
+    expect(kept.positions).toBeLessThan(whole.positions * 0.75);
+  });
+
+  it("answers questions asked at once one after the other, in order", async () => {
+    const b = await blip2;
+    const questions = ["what is it?", "what color?", "where?"];
+    const prompts = vi.spyOn(b.model, "generate");
+    const one = await b.chat(fixture("image0.png"));
+    const expected: string[] = [];
+    for (const q of questions) expected.push((await one.ask(q, { maxNewTokens: 3 })).answer);
+    const all = await b.chat(fixture("image0.png"));
+    const replies = await Promise.all(questions.map((q) => all.ask(q, { maxNewTokens: 3 })));
+    const [sequential, atOnce] = [0, 3].map((at) => prompts.mock.calls.slice(at, at + 3).map(([args]) => args.inputIds));
+    prompts.mockRestore();
+    // Each turn's prompt holds the turns before it.
+    expect(atOnce).toEqual(sequential);
+    expect(replies.map((r) => r.answer)).toEqual(expected);
+    expect(all.history.map((t) => t.question)).toEqual(questions);
   });
 
   it("history is formatted as the BLIP-2 demo does", async () => {

@@ -5,7 +5,7 @@
  */
 import fs from "node:fs";
 import { afterAll, describe, expect, it, vi } from "vitest";
-import { generateIds } from "../src/generation/generate.js";
+import { generateIds, type KeptCache } from "../src/generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../src/generation/options.js";
 import { sampleOrGreedy, type DecodingModel } from "../src/generation/search.js";
 import { Checkpoint } from "../src/io/checkpoint.js";
@@ -90,6 +90,47 @@ describe.each(["opt", "t5"])("hf-4.45/%s generate (transformers 4.45)", (variant
     // 2 inputs x 3 beams decode as 6 rows; the projections run over the 2 encoder outputs.
     expect(cross.mock.calls.map(([feeds]) => feeds.encoder_hidden_states!.dims[0])).toEqual(variant === "t5" ? [2] : []);
     cross.mockRestore();
+  });
+});
+
+describe("a kept cache (a conversation's next turn)", () => {
+  it.each([
+    ["image tokens", {}],
+    ["queries before the text (legacy)", { imageTokenIndex: null }],
+  ])("%s: the next prompt runs only its new positions, with the logits and ids of a whole pass", async (_, patch) => {
+    const { ckpt, options, ref, json } = setup("tiny-blip2-opt");
+    const rt = new Blip2Runtime(ckpt.withConfig(patch));
+    runtimes.push(rt);
+    // Legacy checkpoints place the queries before the text: positions the ids do not show.
+    const queries = rt.config.imageTokenIndex === null ? rt.config.numQueryTokens : 0;
+    const imageFeatures = (await rt.image(ref.get("case1.pixel_values")!.data, 1)).language_model_inputs!;
+    const g = options({ maxNewTokens: 6, minNewTokens: 6 });
+    const run = async (ids: number[], keptCache?: KeptCache) => {
+      const logits: Float32Array[] = [];
+      const out = await generateIds(rt, { imageFeatures, inputIds: [ids], attentionMask: [ids.map(() => 1)], keptCache }, g, { onLogits: (l) => void logits.push(l) });
+      return { ids: out.sequences[0]!, logits: concat(...logits) };
+    };
+    const kept: KeptCache = { handle: null, image: null, ids: [] };
+    const first = json.cases["1"].input_ids as number[];
+    const turn1 = await run(first, kept);
+    // As a chat's: the first prompt, its answer, then a new question.
+    const next = [...turn1.ids, 263, 395, 291];
+    const decode = vi.spyOn(rt, "optDecode");
+    const reused = await run(next, kept);
+    const prefillLength = decode.mock.calls[0]![0].dims[1];
+    decode.mockRestore();
+    const whole = await run(next);
+    // The cache held the first prompt and 5 of its 6 new tokens (the last is never fed).
+    expect(prefillLength).toBe(next.length - first.length - 5);
+    expect(reused.ids).toEqual(whole.ids);
+    expectClose("step logits", { shape: [reused.logits.length], data: reused.logits }, { shape: [whole.logits.length], data: whole.logits });
+    expect(kept.handle!.length).toBe(queries + reused.ids.length - 1);
+    // Another image: a whole pass again.
+    const other = (await rt.image(ref.get("case2.pixel_values")!.data, 1)).language_model_inputs!;
+    const spy = vi.spyOn(rt, "optDecode");
+    await generateIds(rt, { imageFeatures: other, inputIds: [next], attentionMask: [next.map(() => 1)], keptCache: kept }, g);
+    expect(spy.mock.calls[0]![0].dims[1]).toBe(queries + next.length);
+    spy.mockRestore();
   });
 });
 

@@ -180,6 +180,20 @@ describe("key/value cache", () => {
     expect(Array.from(step.attention_mask!.data as BigInt64Array, Number)).toEqual([0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 1]);
   });
 
+  it("resizes to another capacity, keeping the first slots of every row and head", async () => {
+    const { KvCache } = await import("../src/runtime/kvCache.js");
+    const cache = new KvCache({ layers: 1, rows: 2, heads: 2, capacity: 4, headDim: 1 });
+    // Row r, position s, head h holds 100r + 10s + h.
+    const fresh = new ort.Tensor("float32", Float32Array.from([0, 1, 10, 11, 20, 21, 100, 101, 110, 111, 120, 121]), [2, 3, 2]);
+    cache.write({ "new.0.key": fresh, "new.0.value": fresh }, [[1, 1, 1], [0, 1, 1]]);
+    cache.advance(3);
+    const kept = cache.resized(6, 2);
+    expect(kept.length).toBe(2);
+    expect(Array.from(kept.tensors["past.0.key"]!.data as Float32Array)).toEqual([0, 10, 0, 0, 0, 0, 1, 11, 0, 0, 0, 0, 100, 110, 0, 0, 0, 0, 101, 111, 0, 0, 0, 0]);
+    expect(Array.from(kept.inputs([[1], [1]]).attention_mask!.data as BigInt64Array, Number)).toEqual([1, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1]);
+    expect(() => cache.resized(6, 4)).toThrow(/cannot keep 4 slots of 3/);
+  });
+
   it("gathers rows in the order asked (beams of one input), copying only when it must", async () => {
     const { gatherRows } = await import("../src/runtime/kvCache.js");
     const t = new ort.Tensor("float32", Float32Array.from({ length: 12 }, (_, i) => i), [3, 2, 2]);

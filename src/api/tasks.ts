@@ -5,6 +5,7 @@
  */
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
+import type { KeptCache } from "../generation/generate.js";
 import type { GenerationOptions } from "../generation/options.js";
 import type { ImageInput } from "../image/decode.js";
 import { Blip2Processor } from "../processor.js";
@@ -80,6 +81,12 @@ export interface ChatOptions {
   contextWindow?: number;
   /** Told how many of the oldest turns were dropped to fit the window. */
   onDrop?: (droppedTurns: number) => void;
+  /**
+   * Keep the language model's key/value cache from one turn to the next (OPT; default true): a
+   * turn then runs only the positions after those its prompt shares with the last one (the image
+   * and the earlier turns, unless some were dropped), not the whole context.
+   */
+  keepCache?: boolean;
 }
 
 export interface Turn {
@@ -102,6 +109,9 @@ export interface ChatReply {
 export class Chat {
   readonly history: Turn[] = [];
   readonly contextWindow: number;
+  private readonly kept: KeptCache = { handle: null, image: null, ids: [] };
+  /** The turn being answered: questions are answered one after the other, in the order asked. */
+  private turn: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly blip2: Blip2,
@@ -109,6 +119,7 @@ export class Chat {
     private readonly options: ChatOptions,
   ) {
     this.contextWindow = options.contextWindow ?? 512;
+    keptCaches.register(this, this.kept, this);
   }
 
   /** The prompt for `question` under the window, and how many old turns it leaves out. */
@@ -125,20 +136,44 @@ export class Chat {
     throw new Blip2Error(`the question does not fit the ${this.contextWindow}-token window: ${alone} prompt tokens (image tokens included) + ${maxNewTokens} to generate`);
   }
 
-  async ask(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken"> = {}): Promise<ChatReply> {
+  ask(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken"> = {}): Promise<ChatReply> {
+    const reply = this.turn.then(() => this.answer(question, options));
+    this.turn = reply.catch(() => undefined);
+    return reply;
+  }
+
+  private async answer(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken">): Promise<ChatReply> {
     const maxNewTokens = options.maxNewTokens ?? 30;
     const { inputIds, droppedTurns } = this.prompt(question, maxNewTokens);
     if (droppedTurns) this.options.onDrop?.(droppedTurns);
-    const [ids] = await this.blip2.model.generate({ ...options, maxNewTokens, numReturnSequences: 1, imageFeatures: this.imageFeatures, inputIds: [inputIds], attentionMask: [inputIds.map(() => 1)] });
+    const keptCache = this.options.keepCache === false ? undefined : this.kept;
+    const [ids] = await this.blip2.model.generate({ ...options, maxNewTokens, numReturnSequences: 1, imageFeatures: this.imageFeatures, inputIds: [inputIds], attentionMask: [inputIds.map(() => 1)], keptCache });
     const answer = this.blip2.result(ids!, inputIds).caption;
     this.history.push({ question, answer });
     return { answer, droppedTurns };
   }
 
+  /** Forgets the turns (the kept cache stays: the next prompt still shares the image with it). */
   reset(): void {
     this.history.length = 0;
   }
+
+  /** Frees the kept key/value cache now (also done when the chat is garbage collected). */
+  async dispose(): Promise<void> {
+    keptCaches.unregister(this);
+    await this.turn;
+    await dropKept(this.kept);
+  }
 }
+
+async function dropKept(kept: KeptCache): Promise<void> {
+  const handle = kept.handle;
+  kept.handle = null;
+  await handle?.drop();
+}
+
+/** Drops the caches of chats that were let go without dispose (the cache lives beside the sessions, maybe in a worker). */
+const keptCaches = new FinalizationRegistry<KeptCache>((kept) => void dropKept(kept).catch(() => undefined));
 
 export type ImageToTextOutput = { generated_text: string }[];
 

@@ -23,6 +23,20 @@ export interface GenerateInputs {
   imageFeatures?: ort.Tensor;
   inputIds: number[][];
   attentionMask: number[][];
+  /** OPT, one prompt and one sequence, `imageFeatures` given: a cache to continue from and keep (a conversation). */
+  keptCache?: KeptCache;
+}
+
+/**
+ * A conversation's key/value cache, kept from one generation to the next: what its filled slots
+ * hold (the image's features, and per position the id fed there, -1 for queries placed before the
+ * text). A prompt with the same image that starts with the same ids runs only the positions after
+ * them: a chat's next turn runs its new question and the previous answer, not the whole context.
+ */
+export interface KeptCache {
+  handle: CacheHandle | null;
+  image: ort.Tensor | null;
+  ids: number[];
 }
 
 /** The projected queries for the images of `inputs`. */
@@ -52,7 +66,8 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   let decoding: OptDecoding | T5Decoding;
   let prompts: number[][];
   if (rt.config.text.modelType === "opt") {
-    decoding = new OptDecoding(rt, embeds, mask, rows, g.maxNewTokens);
+    const kept = inputs.keptCache && rows.length === 1 && inputs.imageFeatures ? inputs.keptCache : undefined;
+    decoding = new OptDecoding(rt, embeds, mask, rows, g.maxNewTokens, kept && { kept, image: inputs.imageFeatures!, ids: promptPositions(inputs.inputIds[0]!, embeds.dims[1]!) });
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(embeds, mask);
@@ -60,12 +75,26 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
+  let completed = false;
   try {
-    return g.numBeams > 1 ? await beamSearch(model, prompts, g) : await sampleOrGreedy(model, prompts, g, hooks.onToken);
+    const result = g.numBeams > 1 ? await beamSearch(model, prompts, g) : await sampleOrGreedy(model, prompts, g, hooks.onToken);
+    completed = true;
+    return result;
   } finally {
-    // The key/value cache lives beside the sessions (maybe in the worker): free it now.
-    await decoding.release();
+    // The key/value cache lives beside the sessions (maybe in the worker): free it now, unless kept.
+    await decoding.release(completed);
   }
+}
+
+/** The id at each position of an OPT prompt: -1 for the queries placed before the text (legacy checkpoints). */
+function promptPositions(ids: number[], length: number): number[] {
+  return [...new Array(length - ids.length).fill(-1), ...ids];
+}
+
+function commonPrefix(a: number[], b: number[]): number {
+  let n = 0;
+  while (n < a.length && n < b.length && a[n] === b[n]) n++;
+  return n;
 }
 
 function observeLogits(model: DecodingModel, onLogits: (logits: Float32Array) => void): DecodingModel {
@@ -95,13 +124,18 @@ function lastPosition(logits: ort.Tensor): Float32Array {
 class OptDecoding implements DecodingModel {
   private cache: CacheHandle | null = null;
 
-  /** `rows`: the prompt (of `embeds` and `promptMask`) each decoding row continues. */
+  /**
+   * `rows`: the prompt (of `embeds` and `promptMask`) each decoding row continues. `conversation`
+   * (one prompt, one row): the kept cache, and the image and ids of this prompt's positions, to
+   * which each step's token is added.
+   */
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly embeds: ort.Tensor,
     private readonly promptMask: number[][],
     private readonly rows: number[],
     private readonly maxNewTokens: number,
+    private readonly conversation?: { kept: KeptCache; image: ort.Tensor; ids: number[] },
   ) {}
 
   get vocabSize(): number {
@@ -110,24 +144,61 @@ class OptDecoding implements DecodingModel {
 
   /** Each prompt once, into the cache's first rows, which are then copied to the rows that continue it. */
   async prefill(): Promise<Float32Array> {
-    this.cache = await this.rt.newCache(this.rows.length, this.embeds.dims[1]! + this.maxNewTokens);
-    const logits = lastPosition((await this.rt.optDecode(this.embeds, this.promptMask, this.cache, true)).logits!);
-    await this.cache.reorder(this.rows);
+    const [cache, from] = await this.promptCache(this.embeds.dims[1]! + this.maxNewTokens);
+    this.cache = cache;
+    const embeds = from ? sliceLength(this.embeds, from) : this.embeds;
+    const mask = this.promptMask.map((row) => row.slice(from));
+    const logits = lastPosition((await this.rt.optDecode(embeds, mask, cache, true)).logits!);
+    await cache.reorder(this.rows);
     return gatherRows(tensor.f32(logits, [this.promptMask.length, this.vocabSize]), this.rows).data as Float32Array;
+  }
+
+  /**
+   * A cache of `capacity` slots, and how many of the prompt's positions it holds already: the kept
+   * cache's common start with this prompt (same image), all but the last position at most, which
+   * must run for its logits.
+   */
+  private async promptCache(capacity: number): Promise<[CacheHandle, number]> {
+    const c = this.conversation;
+    const kept = c?.kept.handle;
+    if (!c || !kept || c.kept.image !== c.image) return [await this.rt.newCache(this.rows.length, capacity), 0];
+    const from = Math.min(commonPrefix(c.kept.ids, c.ids), c.ids.length - 1);
+    await kept.resize(capacity, from);
+    // This generation owns it now: released (kept again, or dropped) with it.
+    c.kept.handle = null;
+    return [kept, from];
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
     const embeds = await this.rt.embed(tokens.map((t) => [t]));
-    return lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache!, true)).logits!);
+    const logits = lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache!, true)).logits!);
+    this.conversation?.ids.push(tokens[0]!);
+    return logits;
   }
 
   reorder(index: number[]): Promise<void> {
     return this.cache!.reorder(index);
   }
 
-  async release(): Promise<void> {
-    await this.cache?.drop();
+  /** Drops the cache, or keeps it for the conversation's next prompt when the generation completed. */
+  async release(completed: boolean): Promise<void> {
+    const c = this.conversation;
+    if (c && completed && this.cache) {
+      await c.kept.handle?.drop();
+      Object.assign(c.kept, { handle: this.cache, image: c.image, ids: c.ids });
+    } else {
+      await this.cache?.drop();
+    }
   }
+}
+
+/** Positions `from`.. of [B, S, D] embeddings. */
+function sliceLength(t: ort.Tensor, from: number): ort.Tensor {
+  const [batch, length, d] = t.dims as [number, number, number];
+  const src = t.data as Float32Array;
+  const out = new Float32Array(batch * (length - from) * d);
+  for (let b = 0; b < batch; b++) out.set(src.subarray((b * length + from) * d, (b + 1) * length * d), b * (length - from) * d);
+  return tensor.f32(out, [batch, length - from, d]);
 }
 
 class T5Decoding implements DecodingModel {

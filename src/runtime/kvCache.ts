@@ -116,6 +116,26 @@ export class KvCache {
     this.length += steps;
   }
 
+  /**
+   * A cache of `capacity` slots holding this one's first `keep` (a conversation's next prompt starts
+   * with them; see generation/generate.ts KeptCache). A copy: the slots' stride is the capacity.
+   */
+  resized(capacity: number, keep: number): KvCache {
+    const { rows, heads, headDim } = this.shape;
+    if (keep > Math.min(this.length, capacity)) throw new Blip2Error(`internal: cannot keep ${keep} slots of ${this.length} in ${capacity}`);
+    const out = new KvCache({ ...this.shape, capacity });
+    const from = this.shape.capacity;
+    for (const [name, t] of Object.entries(this.tensors)) {
+      const src = t.data as Float32Array;
+      const dst = out.tensors[name]!.data as Float32Array;
+      for (let rh = 0; rh < rows * heads; rh++) dst.set(src.subarray(rh * from * headDim, (rh * from + keep) * headDim), rh * capacity * headDim);
+    }
+    for (let r = 0; r < rows; r++) out.slotMask.set(this.slotMask.subarray(r * from, r * from + keep), r * capacity);
+    out.length = keep;
+    out.cross = this.cross;
+    return out;
+  }
+
   /** Keeps rows `index` in that order (beam search). */
   reorder(index: number[]): void {
     if (index.every((r, i) => r === i)) return;

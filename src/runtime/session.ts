@@ -55,6 +55,7 @@ interface Host {
   release(id: number): Promise<void>;
   runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]): Promise<void>;
   newCache(id: number, shape: CacheShape): Promise<void>;
+  resizeCache(id: number, capacity: number, keep: number): Promise<void>;
   reorderCache(id: number, index: number[]): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
@@ -75,6 +76,9 @@ class LocalHost implements Host {
   }
   async newCache(id: number, shape: CacheShape) {
     this.host.newCache(id, shape);
+  }
+  async resizeCache(id: number, capacity: number, keep: number) {
+    this.host.resizeCache(id, capacity, keep);
   }
   async reorderCache(id: number, index: number[]) {
     this.host.reorderCache(id, index);
@@ -141,6 +145,9 @@ class WorkerHost implements Host {
   }
   newCache(id: number, shape: CacheShape) {
     return this.call<void>({ op: "newCache", id, shape });
+  }
+  resizeCache(id: number, capacity: number, keep: number) {
+    return this.call<void>({ op: "resizeCache", id, capacity, keep });
   }
   reorderCache(id: number, index: number[]) {
     return this.call<void>({ op: "reorderCache", id, index });
@@ -274,8 +281,15 @@ export class CacheHandle {
   constructor(
     readonly host: Host,
     readonly id: number,
-    readonly capacity: number,
+    public capacity: number,
   ) {}
+
+  /** Makes it a cache of `capacity` slots that holds its first `keep` filled ones. */
+  async resize(capacity: number, keep: number): Promise<void> {
+    await this.host.resizeCache(this.id, capacity, keep);
+    this.capacity = capacity;
+    this.length = keep;
+  }
 
   /** Slots the next step is given: one while the cache is empty, else all (see KvCache.fedSlots). */
   get fedSlots(): number {

@@ -70,6 +70,10 @@ export class SessionHost {
     this.caches.set(id, new KvCache(shape));
   }
 
+  resizeCache(id: number, capacity: number, keep: number): void {
+    this.caches.set(id, this.cache(id).resized(capacity, keep));
+  }
+
   reorderCache(id: number, index: number[]): void {
     this.cache(id).reorder(index);
   }

@@ -30,6 +30,9 @@ parentPort!.on("message", async (m) => {
       case "newCache":
         host.newCache(m.id, m.shape);
         break;
+      case "resizeCache":
+        host.resizeCache(m.id, m.capacity, m.keep);
+        break;
       case "reorderCache":
         host.reorderCache(m.id, m.index);
         break;
