@@ -163,9 +163,14 @@ class OptDecoding implements DecodingModel {
     const kept = c?.kept.handle;
     if (!c || !kept || c.kept.image !== c.image) return [await this.rt.newCache(this.rows.length, capacity), 0];
     const from = Math.min(commonPrefix(c.kept.ids, c.ids), c.ids.length - 1);
-    await kept.resize(capacity, from);
     // This generation owns it now: released (kept again, or dropped) with it.
     c.kept.handle = null;
+    try {
+      await kept.resize(capacity, from);
+    } catch (err) {
+      await kept.drop().catch(() => undefined);
+      throw err;
+    }
     return [kept, from];
   }
 
