@@ -32,6 +32,8 @@ parentPort!.on("message", async (m) => {
         break;
       case "resizeCache":
         host.resizeCache(m.id, m.capacity, m.keep);
+        // A kept cache's next generation starts: the old copy and the last one's garbage go now.
+        collectGarbage();
         break;
       case "reorderCache":
         host.reorderCache(m.id, m.index);
