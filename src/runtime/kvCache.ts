@@ -57,8 +57,9 @@ export class KvCache {
     const whole = first === 0 && count === this.shape.rows;
     const rowsOf = (t: ort.Tensor) => (whole ? t : rowView(t, first, count));
     const out: Record<string, ort.Tensor> = { attention_mask: this.stepMask(newMask, first) };
-    const { heads, headDim } = this.shape;
-    const empty = this.length === 0 ? new ort.Tensor("float32", new Float32Array(count * heads * headDim), [count, heads, 1, headDim]) : null;
+    const { heads, capacity, headDim } = this.shape;
+    const slots = this.fedSlots;
+    const empty = slots < capacity ? new ort.Tensor("float32", new Float32Array(count * heads * slots * headDim), [count, heads, slots, headDim]) : null;
     for (const [name, t] of Object.entries(this.tensors)) out[name] = empty ?? rowsOf(t);
     for (const [name, t] of Object.entries(this.cross)) out[name] = rowsOf(t);
     return out;
