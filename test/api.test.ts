@@ -118,6 +118,7 @@ describe("chat", () => {
       const answers: string[] = [];
       for (let turn = 0; turn < 8; turn++) answers.push((await chat.ask(`what is in picture ${turn}?`, { maxNewTokens: 4, minNewTokens: 4 })).answer);
       await chat.dispose();
+      await expect(chat.ask("and now?")).rejects.toThrow(/this chat was disposed/);
       // Prefills and steps: the positions the language model ran.
       return { answers, positions: decode.mock.calls.reduce((n, [embeds]) => n + embeds.dims[1]!, 0) };
     };

@@ -112,6 +112,7 @@ export class Chat {
   private readonly kept: KeptCache = { handle: null, image: null, ids: [] };
   /** The turn being answered: questions are answered one after the other, in the order asked. */
   private turn: Promise<unknown> = Promise.resolve();
+  private disposed = false;
 
   constructor(
     private readonly blip2: Blip2,
@@ -137,6 +138,7 @@ export class Chat {
   }
 
   ask(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken"> = {}): Promise<ChatReply> {
+    if (this.disposed) return Promise.reject(new Blip2Error("this chat was disposed: start another with blip2.chat(image)"));
     const reply = this.turn.then(() => this.answer(question, options));
     this.turn = reply.catch(() => undefined);
     return reply;
@@ -160,6 +162,7 @@ export class Chat {
 
   /** Frees the kept key/value cache now (also done when the chat is garbage collected). */
   async dispose(): Promise<void> {
+    this.disposed = true;
     keptCaches.unregister(this);
     await this.turn;
     await dropKept(this.kept);
