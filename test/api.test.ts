@@ -129,6 +129,27 @@ describe("chat", () => {
     expect(kept.positions).toBeLessThan(whole.positions * 0.75);
   });
 
+  it("a turn that fails drops the kept cache; the next turn runs whole and answers as a fresh chat would", async () => {
+    const b = await blip2;
+    const decode = vi.spyOn(Blip2Runtime.prototype, "optDecode");
+    const chat = await b.chat(fixture("image0.png"));
+    await chat.ask("what is it?", { maxNewTokens: 4 });
+    const fail = () => {
+      throw new Error("listener failed");
+    };
+    await expect(chat.ask("what color?", { maxNewTokens: 4, onToken: fail })).rejects.toThrow(/listener failed/);
+    const whole = chat.prompt("where?", 4).inputIds.length;
+    decode.mockClear();
+    const after = await chat.ask("where?", { maxNewTokens: 4 });
+    // Its prefill ran the whole prompt: the failed turn's cache was not kept.
+    expect(decode.mock.calls[0]![0].dims[1]).toBe(whole);
+    decode.mockRestore();
+    const fresh = await b.chat(fixture("image0.png"), { keepCache: false });
+    fresh.history.push(...chat.history.slice(0, 1));
+    expect((await fresh.ask("where?", { maxNewTokens: 4 })).answer).toBe(after.answer);
+    await Promise.all([chat.dispose(), fresh.dispose()]);
+  });
+
   it("answers questions asked at once one after the other, in order", async () => {
     const b = await blip2;
     const questions = ["what is it?", "what color?", "where?"];
