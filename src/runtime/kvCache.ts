@@ -28,6 +28,8 @@ export class KvCache {
 
   /** Inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`). */
   cross: Record<string, ort.Tensor> = {};
+  /** reorder's copy of the rows it overwrites but still reads, kept between steps. */
+  private scratch = new Float32Array(0);
 
   constructor(readonly shape: CacheShape) {
     const { layers, rows, heads, capacity, headDim } = shape;
@@ -137,19 +139,83 @@ export class KvCache {
     return out;
   }
 
-  /** Keeps rows `index` in that order (beam search). */
+  /**
+   * Keeps rows `index` in that order (beam search, every step). Only rows that change are written,
+   * only their filled slots are copied, in an order that writes a row once nothing still needs to
+   * read it (a cycle of rows goes through one copy, in a buffer kept between steps). Copying every
+   * tensor whole took 61 ms per step for 5 beams of OPT-2.7B (58 slots) and 282 ms for 20 rows.
+   */
   reorder(index: number[]): void {
-    if (index.every((r, i) => r === i)) return;
+    const copies = rowCopies(index);
+    if (!copies.length) return;
     const { heads, capacity, headDim } = this.shape;
-    const rowSize = heads * capacity * headDim;
+    const span = this.length * headDim;
+    const saves = copies.filter((c) => c.to === SCRATCH).length;
+    if (this.scratch.length < saves * heads * span) this.scratch = new Float32Array(saves * heads * span);
+    // Head h of row r (its filled slots), in a tensor or in the scratch buffer.
+    const at = (r: number, h: number) => (r * heads + h) * capacity * headDim;
+    const saved = (k: number, h: number) => (k * heads + h) * span;
     for (const t of Object.values(this.tensors)) {
       const data = t.data as Float32Array;
-      const copy = data.slice();
-      index.forEach((from, to) => data.set(copy.subarray(from * rowSize, (from + 1) * rowSize), to * rowSize));
+      let k = 0;
+      for (const c of copies) {
+        for (let h = 0; h < heads; h++) {
+          if (c.to === SCRATCH) this.scratch.set(data.subarray(at(c.from, h), at(c.from, h) + span), saved(k, h));
+          else if (c.scratch !== undefined) data.set(this.scratch.subarray(saved(c.scratch, h), saved(c.scratch, h) + span), at(c.to, h));
+          else data.set(data.subarray(at(c.from, h), at(c.from, h) + span), at(c.to, h));
+        }
+        if (c.to === SCRATCH) k++;
+      }
     }
     const masks = this.slotMask.slice();
     index.forEach((from, to) => this.slotMask.set(masks.subarray(from * capacity, (from + 1) * capacity), to * capacity));
   }
+}
+
+const SCRATCH = -1;
+
+/** One row copy of a reorder: into row `to`, or into the scratch buffer (SCRATCH); from row `from`, or from the scratch's row `scratch`. */
+interface RowCopy {
+  from: number;
+  to: number;
+  scratch?: number;
+}
+
+/**
+ * The copies that put row `index[to]` into row `to` for every changed row, one at a time: a row is
+ * written only once no pending copy reads it; rows left in cycles are freed by saving one row of
+ * each to the scratch buffer first (what compilers do to sequentialize a parallel copy).
+ */
+export function rowCopies(index: number[]): RowCopy[] {
+  const source = new Map<number, number>();
+  index.forEach((from, to) => from !== to && source.set(to, from));
+  const readers = new Map<number, number>();
+  for (const from of source.values()) readers.set(from, (readers.get(from) ?? 0) + 1);
+  const fromScratch = new Map<number, number>();
+  const out: RowCopy[] = [];
+  const ready = [...source.keys()].filter((to) => !readers.get(to));
+  let saves = 0;
+  while (source.size) {
+    const to = ready.pop();
+    if (to === undefined) {
+      // Only cycles are left: save one row and let its reader take the copy.
+      const row = source.keys().next().value!;
+      const reader = [...source].find(([, from]) => from === row)![0];
+      out.push({ from: row, to: SCRATCH });
+      fromScratch.set(reader, saves++);
+      readers.set(row, 0);
+      ready.push(row);
+      continue;
+    }
+    const from = source.get(to)!;
+    source.delete(to);
+    const k = fromScratch.get(to);
+    out.push(k === undefined ? { from, to } : { from, to, scratch: k });
+    if (k !== undefined) continue;
+    readers.set(from, readers.get(from)! - 1);
+    if (!readers.get(from) && source.has(from)) ready.push(from);
+  }
+  return out;
 }
 
 /** Slots a step over a cache of `length` filled slots is given (see KvCache.fedSlots). */
