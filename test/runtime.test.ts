@@ -194,26 +194,29 @@ describe("key/value cache", () => {
     expect(() => cache.resized(6, 4)).toThrow(/cannot keep 4 slots of 3/);
   });
 
-  it("reorders rows as beam search asks: any index, cycles included, filled slots only", async () => {
+  it("reorders rows as beam search asks: any index, cycles included, filled slots past the shared ones only", async () => {
     const { KvCache, rowCopies } = await import("../src/runtime/kvCache.js");
     const shape = { layers: 2, rows: 6, heads: 3, capacity: 5, headDim: 2 };
     let seed = 7;
     const random = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
     const indexes = [[1, 0, 3, 2, 5, 4], [1, 2, 0, 4, 5, 3], [0, 0, 1, 2, 3, 4], [5, 5, 5, 0, 0, 0], [0, 1, 2, 3, 4, 5]];
     for (let i = 0; i < 200; i++) indexes.push(Array.from({ length: 6 }, () => random(6)));
-    for (const index of indexes) {
+    for (const [index, shared] of indexes.flatMap((index) => [[index, 0], [index, 2]] as const)) {
       const cache = new KvCache(shape);
       // Slot s of head h of row r holds 1000r + 100h + 10s + d in the first 3 (filled) slots.
       for (const t of Object.values(cache.tensors)) (t.data as Float32Array).forEach((_, i, a) => (a[i] = Math.floor(i / 30) * 1000 + (Math.floor(i / 10) % 3) * 100 + (i % 10)));
       cache.length = 3;
       const before = Object.values(cache.tensors).map((t) => (t.data as Float32Array).slice());
-      cache.reorder(index);
+      cache.reorder(index, shared);
       Object.values(cache.tensors).forEach((t, n) => {
         const data = t.data as Float32Array;
         for (let r = 0; r < 6; r++) {
           for (let h = 0; h < 3; h++) {
-            const filled = (row: number, a: Float32Array) => Array.from(a.subarray((row * 3 + h) * 10, (row * 3 + h) * 10 + 6));
-            expect(filled(r, data), `index ${index} row ${r}`).toEqual(filled(index[r]!, before[n]!));
+            // Slots [from, to) of head h of a row (2 values per slot).
+            const slots = (row: number, a: Float32Array, from: number, to: number) => Array.from(a.subarray((row * 3 + h) * 10 + 2 * from, (row * 3 + h) * 10 + 2 * to));
+            expect(slots(r, data, shared, 3), `index ${index} row ${r}`).toEqual(slots(index[r]!, before[n]!, shared, 3));
+            // The shared slots the caller vouches for are left alone.
+            expect(slots(r, data, 0, shared)).toEqual(slots(r, before[n]!, 0, shared));
           }
         }
       });

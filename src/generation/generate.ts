@@ -181,8 +181,9 @@ class OptDecoding implements DecodingModel {
     return logits;
   }
 
+  /** Beams move within their prompt's rows, which hold the same prompt slots. */
   reorder(index: number[]): Promise<void> {
-    return this.cache!.reorder(index);
+    return this.cache!.reorder(index, this.embeds.dims[1]!);
   }
 
   /** Drops the cache, or keeps it for the conversation's next prompt when the generation completed. */

@@ -15,7 +15,7 @@ export interface DecodingModel {
   prefill(): Promise<Float32Array>;
   /** Append one token per row; logits of the new position. */
   step(tokens: number[]): Promise<Float32Array>;
-  /** Keep rows `index` (in that order): beam reordering. */
+  /** Keep rows `index` (in that order): beam reordering, within each input's rows. */
   reorder(index: number[]): void | Promise<void>;
 }
 

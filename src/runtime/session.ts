@@ -56,7 +56,7 @@ interface Host {
   runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]): Promise<void>;
   newCache(id: number, shape: CacheShape): Promise<void>;
   resizeCache(id: number, capacity: number, keep: number): Promise<void>;
-  reorderCache(id: number, index: number[]): Promise<void>;
+  reorderCache(id: number, index: number[], shared: number): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
 
@@ -80,8 +80,8 @@ class LocalHost implements Host {
   async resizeCache(id: number, capacity: number, keep: number) {
     this.host.resizeCache(id, capacity, keep);
   }
-  async reorderCache(id: number, index: number[]) {
-    this.host.reorderCache(id, index);
+  async reorderCache(id: number, index: number[], shared: number) {
+    this.host.reorderCache(id, index, shared);
   }
   async dropCache(id: number) {
     this.host.dropCache(id);
@@ -149,8 +149,8 @@ class WorkerHost implements Host {
   resizeCache(id: number, capacity: number, keep: number) {
     return this.call<void>({ op: "resizeCache", id, capacity, keep });
   }
-  reorderCache(id: number, index: number[]) {
-    return this.call<void>({ op: "reorderCache", id, index });
+  reorderCache(id: number, index: number[], shared: number) {
+    return this.call<void>({ op: "reorderCache", id, index, shared });
   }
   dropCache(id: number) {
     return this.call<void>({ op: "dropCache", id });
@@ -296,8 +296,9 @@ export class CacheHandle {
     return fedSlots(this.length, this.capacity);
   }
 
-  reorder(index: number[]): Promise<void> {
-    return this.host.reorderCache(this.id, index);
+  /** Keeps rows `index` in that order; the rows a row moves between hold the same first `shared` slots (see KvCache.reorder). */
+  reorder(index: number[], shared = 0): Promise<void> {
+    return this.host.reorderCache(this.id, index, shared);
   }
 
   drop(): Promise<void> {

@@ -74,8 +74,8 @@ export class SessionHost {
     this.caches.set(id, this.cache(id).resized(capacity, keep));
   }
 
-  reorderCache(id: number, index: number[]): void {
-    this.cache(id).reorder(index);
+  reorderCache(id: number, index: number[], shared: number): void {
+    this.cache(id).reorder(index, shared);
   }
 
   dropCache(id: number): void {

@@ -36,7 +36,7 @@ parentPort!.on("message", async (m) => {
         collectGarbage();
         break;
       case "reorderCache":
-        host.reorderCache(m.id, m.index);
+        host.reorderCache(m.id, m.index, m.shared);
         break;
       case "dropCache":
         host.dropCache(m.id);
