@@ -227,6 +227,23 @@ describe("key/value cache", () => {
     expect(rowCopies([0, 0, 1, 2, 3, 4]).filter((c) => c.to < 0)).toHaveLength(0);
   });
 
+  it("takes a dropped cache's memory for the next one, zeroed (fresh memory faults on first write)", async () => {
+    const { CacheMemory, KvCache } = await import("../src/runtime/kvCache.js");
+    const memory = new CacheMemory();
+    const shape = { layers: 2, rows: 2, heads: 2, capacity: 4, headDim: 3 };
+    const first = new KvCache(shape, memory.allocate);
+    first.memory.fill(7);
+    memory.release(first.memory);
+    const second = new KvCache({ ...shape, capacity: 3 }, memory.allocate);
+    expect(second.memory.buffer).toBe(first.memory.buffer);
+    expect(second.memory.every((v) => v === 0)).toBe(true);
+    expect(second.tensors["past.1.value"]!.dims).toEqual([2, 2, 3, 3]);
+    // Taken: the next cache gets its own; one larger than what is kept too.
+    expect(new KvCache(shape, memory.allocate).memory.buffer).not.toBe(first.memory.buffer);
+    memory.release(second.memory);
+    expect(new KvCache({ ...shape, capacity: 5 }, memory.allocate).memory.buffer).not.toBe(first.memory.buffer);
+  });
+
   it("gathers rows in the order asked (beams of one input), copying only when it must", async () => {
     const { gatherRows } = await import("../src/runtime/kvCache.js");
     const t = new ort.Tensor("float32", Float32Array.from({ length: 12 }, (_, i) => i), [3, 2, 2]);

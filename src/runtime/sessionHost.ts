@@ -6,7 +6,7 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { gatherRows, KvCache, rowView, type CacheShape } from "./kvCache.js";
+import { CacheMemory, gatherRows, KvCache, rowView, type CacheShape } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
@@ -24,6 +24,7 @@ export interface CacheStep {
 export class SessionHost {
   private readonly sessions = new Map<number, { name: string; session: ort.InferenceSession }>();
   private readonly caches = new Map<number, KvCache>();
+  private readonly cacheMemory = new CacheMemory();
 
   async create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void> {
     try {
@@ -67,11 +68,13 @@ export class SessionHost {
   }
 
   newCache(id: number, shape: CacheShape): void {
-    this.caches.set(id, new KvCache(shape));
+    this.caches.set(id, new KvCache(shape, this.cacheMemory.allocate));
   }
 
   resizeCache(id: number, capacity: number, keep: number): void {
-    this.caches.set(id, this.cache(id).resized(capacity, keep));
+    const old = this.cache(id);
+    this.caches.set(id, old.resized(capacity, keep, this.cacheMemory.allocate));
+    this.cacheMemory.release(old.memory);
   }
 
   reorderCache(id: number, index: number[], shared: number): void {
@@ -79,7 +82,9 @@ export class SessionHost {
   }
 
   dropCache(id: number): void {
+    const cache = this.caches.get(id);
     this.caches.delete(id);
+    if (cache) this.cacheMemory.release(cache.memory);
   }
 
   private async runSession(id: number, feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
