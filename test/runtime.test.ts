@@ -227,7 +227,7 @@ describe("key/value cache", () => {
     expect(rowCopies([0, 0, 1, 2, 3, 4]).filter((c) => c.to < 0)).toHaveLength(0);
   });
 
-  it("takes a dropped cache's memory for the next one, zeroed (fresh memory faults on first write)", async () => {
+  it("takes a dropped cache's memory for the next one, zeroed, with room to grow (fresh memory faults on first write)", async () => {
     const { CacheMemory, KvCache } = await import("../src/runtime/kvCache.js");
     const memory = new CacheMemory();
     const shape = { layers: 2, rows: 2, heads: 2, capacity: 4, headDim: 3 };
@@ -238,10 +238,15 @@ describe("key/value cache", () => {
     expect(second.memory.buffer).toBe(first.memory.buffer);
     expect(second.memory.every((v) => v === 0)).toBe(true);
     expect(second.tensors["past.1.value"]!.dims).toEqual([2, 2, 3, 3]);
-    // Taken: the next cache gets its own; one larger than what is kept too.
+    // Taken: the next cache gets its own.
     expect(new KvCache(shape, memory.allocate).memory.buffer).not.toBe(first.memory.buffer);
     memory.release(second.memory);
-    expect(new KvCache({ ...shape, capacity: 5 }, memory.allocate).memory.buffer).not.toBe(first.memory.buffer);
+    // A block is made with room for a slightly larger cache (192 floats in 256), not for more.
+    const grown = new KvCache({ ...shape, capacity: 5 }, memory.allocate);
+    expect(grown.memory.buffer).toBe(first.memory.buffer);
+    expect(grown.memory.every((v) => v === 0)).toBe(true);
+    memory.release(grown.memory);
+    expect(new KvCache({ ...shape, capacity: 6 }, memory.allocate).memory.buffer).not.toBe(first.memory.buffer);
   });
 
   it("gathers rows in the order asked (beams of one input), copying only when it must", async () => {

@@ -247,7 +247,9 @@ export class CacheMemory {
   readonly allocate: Allocate = (floats) => {
     const spare = this.spare;
     this.spare = null;
-    if (!spare || spare.length < floats) return new Float32Array(floats);
+    // A new block is made up to twice as large, so that a slightly larger cache (a chat's next
+    // turn) still fits it once it comes back; the pages past what is used are never touched.
+    if (!spare || spare.length < floats) return new Float32Array(2 ** Math.ceil(Math.log2(floats))).subarray(0, floats);
     return spare.subarray(0, floats).fill(0);
   };
 
