@@ -1,11 +1,11 @@
 /**
- * The decoder's key/value cache as fixed-capacity buffers, one block per generation (the last one's
- * memory, see CacheMemory): each step feeds the whole buffers (ONNX Runtime reads them in place) with a mask telling which slots hold
- * keys, and gets back only the new positions' keys and values, which are written into the next
- * free slots. Nothing of the cache's size is allocated or copied per step. The prompt's pass, while
- * the cache is empty, is fed one masked slot instead. An encoder-decoder's cross-attention
- * keys/values, the same at every step, are kept here too: computed beside the cache
- * (SessionHost.runIntoCache), they are never sent between threads.
+ * The decoder's key/value cache as fixed-capacity buffers, one block per generation (the last
+ * one's memory, see CacheMemory): each step feeds the whole buffers (ONNX Runtime reads them in
+ * place) with a mask telling which slots hold keys, and gets back only the new positions' keys and
+ * values, which are written into the next free slots. Nothing of the cache's size is allocated or
+ * copied per step. The prompt's pass, while the cache is empty, is fed one masked slot instead. An
+ * encoder-decoder's cross-attention keys/values, the same at every step, are kept here too:
+ * computed beside the cache (SessionHost.runIntoCache), they are never sent between threads.
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";

@@ -32,7 +32,8 @@ parentPort!.on("message", async (m) => {
         break;
       case "resizeCache":
         host.resizeCache(m.id, m.capacity, m.keep);
-        // A kept cache's next generation starts: the old copy and the last one's garbage go now.
+        // A kept cache's next generation starts: the last one's garbage goes now (the old block went
+        // back to the host's CacheMemory).
         collectGarbage();
         break;
       case "reorderCache":
