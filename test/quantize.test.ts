@@ -13,6 +13,7 @@ import { dequantizeMatrix, quantizeMatrix } from "../src/quantize/blockQuant.js"
 import { dequantizeChannels, quantizeChannels } from "../src/quantize/channelQuant.js";
 import { linearInt8 } from "../src/models/layers.js";
 import { parseDTypeSpec, resolveDTypes, weightDType } from "../src/quantize/dtype.js";
+import { gatherRows } from "../src/runtime/kvCache.js";
 import { cli, fixture, loadReference } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-qcache-"));
@@ -335,9 +336,7 @@ describe("quantized OPT prompts of several rows", () => {
     /** Last-position logits of the prompt (`rowsPerRun` rows per pass), then of one more token (id 5), for `rows`. */
     const run = async (rows: number[], rowsPerRun?: number) => {
       const width = embeds.dims[1]!;
-      const size = width * embeds.dims[2]!;
-      const data = embeds.data as Float32Array;
-      const part = new ort.Tensor("float32", Float32Array.from(rows.flatMap((r) => Array.from(data.subarray(r * size, (r + 1) * size)))), [rows.length, ...embeds.dims.slice(1)]);
+      const part = gatherRows(embeds, rows);
       const c = await rt.newCache(rows.length, width + 1);
       const prompt = (await rt.optDecode(part, rows.map((r) => mask[r]!), c, true, rowsPerRun)).logits!.data as Float32Array;
       const step = (await rt.optDecode(await rt.embed(rows.map(() => [5])), rows.map(() => [1]), c, true)).logits!.data as Float32Array;
