@@ -23,7 +23,7 @@ async function bothWays(S: number, biasHeads: number, scale: number) {
   const [q, k, v] = ["q", "k", "v"].map((n) => g.input(n, "float32", [B, S, D])) as [Value, Value, Value];
   const cache = { key: g.input("past_key", "float32", [B, H, L, Dh]), value: g.input("past_value", "float32", [B, H, L, Dh]) };
   const bias = g.input("bias", "float32", [B, biasHeads, S, L + S]);
-  g.output(attendWithCacheFused(q, cache, { key: k, value: v }, H, scale, bias), "fused");
+  g.output(attendWithCacheFused(q, cache, { key: splitHeads(k, H), value: splitHeads(v, H) }, H, scale, bias), "fused");
   const keys = op.concat([cache.key, splitHeads(k, H)], 2);
   const values = op.concat([cache.value, splitHeads(v, H)], 2);
   g.output(mergeHeads(attend(splitHeads(q, H), keys, values, scale, bias)), "standard");

@@ -172,7 +172,7 @@ describe("key/value cache", () => {
     const prompt = cache.inputs([[0, 1, 1], [1, 1, 1]]);
     expect(prompt["past.0.key"]!.dims).toEqual([2, 2, 1, 3]);
     expect(Array.from(prompt.attention_mask!.data as BigInt64Array, Number)).toEqual([0, 0, 1, 1, 0, 1, 1, 1]);
-    const fresh = new ort.Tensor("float32", new Float32Array(2 * 3 * 6).fill(1), [2, 3, 6]);
+    const fresh = new ort.Tensor("float32", new Float32Array(2 * 2 * 3 * 3).fill(1), [2, 2, 3, 3]);
     cache.write({ "new.0.key": fresh, "new.0.value": fresh }, [[0, 1, 1], [1, 1, 1]]);
     cache.advance(3);
     const step = cache.inputs([[1], [1]]);
@@ -183,8 +183,8 @@ describe("key/value cache", () => {
   it("resizes to another capacity, keeping the first slots of every row and head", async () => {
     const { KvCache } = await import("../src/runtime/kvCache.js");
     const cache = new KvCache({ layers: 1, rows: 2, heads: 2, capacity: 4, headDim: 1 });
-    // Row r, position s, head h holds 100r + 10s + h.
-    const fresh = new ort.Tensor("float32", Float32Array.from([0, 1, 10, 11, 20, 21, 100, 101, 110, 111, 120, 121]), [2, 3, 2]);
+    // Row r, head h, position s holds 100r + 10s + h.
+    const fresh = new ort.Tensor("float32", Float32Array.from([0, 10, 20, 1, 11, 21, 100, 110, 120, 101, 111, 121]), [2, 2, 3, 1]);
     cache.write({ "new.0.key": fresh, "new.0.value": fresh }, [[1, 1, 1], [0, 1, 1]]);
     cache.advance(3);
     const kept = cache.resized(6, 2);

@@ -8,7 +8,7 @@
 import type { OptConfig } from "../config.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
-import { activation, attendWithCacheFused, causalBias, layerNormLayer, linearLayer, linearWith, Params, type KeyValue } from "./layers.js";
+import { activation, attendWithCacheFused, causalBias, layerNormLayer, linearLayer, linearWith, Params, splitHeads, type KeyValue } from "./layers.js";
 
 export type { KeyValue };
 
@@ -94,7 +94,7 @@ function selfAttention(p: Params, cfg: OptConfig, x: Value, bias: Value, past: K
   const heads = cfg.numAttentionHeads;
   const scaling = (d / heads) ** -0.5;
   const proj = (name: string) => linearLayer(p.at(name), x, d, d, cfg.enableBias);
-  const fresh = { key: proj("k_proj"), value: proj("v_proj") };
+  const fresh = { key: splitHeads(proj("k_proj"), heads), value: splitHeads(proj("v_proj"), heads) };
   // transformers scales the query projection; the kernel scales its products, the same up to rounding.
   const out = linearLayer(p.at("out_proj"), attendWithCacheFused(proj("q_proj"), past, fresh, heads, scaling, bias), d, d, cfg.enableBias);
   return { out, present: fresh };

@@ -102,8 +102,8 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
 /**
  * T5 attention (no scaling). With `cross`, keys/values are the precomputed encoder projections;
  * otherwise they come from `x`, attending also to the cache `past` when given. `present` is the
- * new positions' keys/values as projected, [B, S, H*Dkv], for the cache (runtime/kvCache.ts);
- * cross-attention has none.
+ * new positions' keys/values, [B, H, S, Dkv], for the cache (runtime/kvCache.ts); cross-attention
+ * has none.
  */
 function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue | null } {
   const project = (name: string) => linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false);
@@ -114,8 +114,8 @@ function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, b
     return linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false);
   };
   if (cross) return { out: attendTo(cross), present: null };
-  const present = { key: project("k"), value: project("v") };
-  return { out: attendTo({ key: split(present.key), value: split(present.value) }), present };
+  const present = { key: split(project("k")), value: split(project("v")) };
+  return { out: attendTo(present), present };
 }
 
 function feedForward(p: Params, cfg: T5Config, x: Value): Value {

@@ -104,25 +104,23 @@ export class KvCache {
   }
 
   /**
-   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, S, heads * headDim],
-   * the projections as the decoder computed them) into the next free slots, head by head;
-   * `advance` then counts them as filled, once every row is written.
+   * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, heads, S, headDim],
+   * heads split as the cache holds them) into the next free slots: one copy per row and head, since
+   * both lay a head's positions out one after another. (Projections as computed, [rows, S, heads *
+   * headDim], took a copy per position too: 60 ms for a 4-row prompt of OPT-2.7B.) `advance` then
+   * counts the slots as filled, once every row is written.
    */
   write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
     const steps = newMask[0]!.length;
     const { heads, capacity, headDim } = this.shape;
     if (this.length + steps > capacity) throw new Blip2Error(`internal: key/value cache of ${capacity} positions is full`);
+    const span = steps * headDim;
     for (const [name, t] of Object.entries(this.tensors)) {
       const src = outputs[`new.${name.slice(5)}`]?.data as Float32Array | undefined;
       if (!src) throw new Blip2Error(`internal: the decoder did not return new.${name.slice(5)}`);
       const dst = t.data as Float32Array;
-      for (let r = 0; r < newMask.length; r++) {
-        for (let s = 0; s < steps; s++) {
-          for (let h = 0; h < heads; h++) {
-            const from = ((r * steps + s) * heads + h) * headDim;
-            dst.set(src.subarray(from, from + headDim), (((first + r) * heads + h) * capacity + this.length + s) * headDim);
-          }
-        }
+      for (let rh = 0; rh < newMask.length * heads; rh++) {
+        dst.set(src.subarray(rh * span, (rh + 1) * span), ((first * heads + rh) * capacity + this.length) * headDim);
       }
     }
     newMask.forEach((row, i) => row.forEach((m, j) => (this.slotMask[(first + i) * capacity + this.length + j] = m)));
