@@ -84,12 +84,16 @@ describe.each(["opt", "t5"])("hf-4.45/%s generate (transformers 4.45)", (variant
   it("beam search (3 beams): sequences and scores; T5's cross-attention keys/values once per input", async () => {
     const inputIds = rows(ref.get("input_ids")!);
     const cross = vi.spyOn(CompiledGraph.prototype, "runIntoCache");
+    const decode = vi.spyOn(rt, "t5Decode");
     const out = await generateIds(rt, { pixelValues, inputIds, attentionMask: ones(inputIds) }, options({ maxNewTokens: 8, numBeams: 3 }));
     expect(as445(out.sequences, inputIds[0]!.length)).toEqual(json.generation.beam.sequences);
     expectClose("beam scores", { shape: [2], data: Float32Array.from(out.scores!) }, ref.get("beam_sequences_scores")!);
-    // 2 inputs x 3 beams decode as 6 rows; the projections run over the 2 encoder outputs.
+    // 2 inputs x 3 beams decode as 6 rows; the projections run over the 2 encoder outputs, and
+    // every step attends to those 2 rows of keys/values (with their 2 encoder masks).
     expect(cross.mock.calls.map(([feeds]) => feeds.encoder_hidden_states!.dims[0])).toEqual(variant === "t5" ? [2] : []);
+    expect(new Set(decode.mock.calls.map(([ids, encoderMask]) => `${ids.length} rows, ${encoderMask.length} inputs`))).toEqual(new Set(variant === "t5" ? ["6 rows, 2 inputs"] : []));
     cross.mockRestore();
+    decode.mockRestore();
   });
 });
 

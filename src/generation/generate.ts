@@ -71,7 +71,7 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
     const encoder = await rt.t5Encode(embeds, mask);
-    decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows, rows.map((r) => mask[r]!), g.decoderStartTokenId, g.maxNewTokens);
+    decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows.length, mask, g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
   const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
@@ -210,11 +210,11 @@ function sliceLength(t: ort.Tensor, from: number): ort.Tensor {
 class T5Decoding implements DecodingModel {
   private cache: CacheHandle | null = null;
 
-  /** `rows`: the input (of `encoderHidden`) each decoding row continues; `encoderMask` is per decoding row. */
+  /** `rows` decoding rows, those of an input adjacent; `encoderMask` has a row per input (of `encoderHidden`). */
   constructor(
     private readonly rt: Blip2Runtime,
     private readonly encoderHidden: ort.Tensor,
-    private readonly rows: number[],
+    private readonly rows: number,
     private readonly encoderMask: number[][],
     private readonly startToken: number,
     private readonly maxNewTokens: number,
@@ -226,7 +226,7 @@ class T5Decoding implements DecodingModel {
 
   async prefill(): Promise<Float32Array> {
     this.cache = await this.rt.t5Cache(this.encoderHidden, 1 + this.maxNewTokens, this.rows);
-    return this.step(this.encoderMask.map(() => this.startToken));
+    return this.step(new Array<number>(this.rows).fill(this.startToken));
   }
 
   async step(tokens: number[]): Promise<Float32Array> {

@@ -108,14 +108,33 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
 function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue | null } {
   const project = (name: string) => linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false);
   const split = (v: Value) => splitHeads(v, cfg.numHeads);
-  const attendTo = (kv: KeyValue) => {
-    const q = split(project("q"));
-    const context = past ? attendWithCache(q, past, kv, null, bias) : attend(q, kv.key, kv.value, null, bias);
-    return linearLayer(p.at("o"), mergeHeads(context), inner(cfg), cfg.dModel, false);
-  };
-  if (cross) return { out: attendTo(cross), present: null };
+  const output = (context: Value) => linearLayer(p.at("o"), context, inner(cfg), cfg.dModel, false);
+  if (cross) {
+    const q = project("q");
+    return { out: output(ungroupRows(mergeHeads(attend(split(groupRows(q, cross.key)), cross.key, cross.value, null, bias)), q)), present: null };
+  }
   const present = { key: split(project("k")), value: split(project("v")) };
-  return { out: attendTo(present), present };
+  const q = split(project("q"));
+  const context = past ? attendWithCache(q, past, present, null, bias) : attend(q, present.key, present.value, null, bias);
+  return { out: output(mergeHeads(context)), present };
+}
+
+/**
+ * The decoder's rows [N, S, D] as its inputs' [B, N/B * S, D], for cross-attention: the rows that
+ * continue one input (beams, samples) are adjacent and attend to the same encoder keys/values, so
+ * they go in as more query positions of that input. The keys/values then stay one row per input
+ * (`keysOfInputs`, [B, ...]) instead of being copied per beam: 4 inputs x 5 beams of Flan-T5-XL
+ * took 240 MB more, gathered in 80-120 ms and read again at every step.
+ */
+function groupRows(x: Value, keysOfInputs: Value): Value {
+  const g = x.graph;
+  const inputs = op.slice(op.shapeOf(keysOfInputs), [0], [1], [0]);
+  return op.reshapeTo(x, op.concat([inputs, g.ints([-1, x.dim(2) as number])], 0), [keysOfInputs.dim(0), "rows_per_input*length", x.dim(2)]);
+}
+
+/** groupRows undone: back to the shape of the decoder's rows `like`. */
+function ungroupRows(x: Value, like: Value): Value {
+  return op.reshapeTo(x, op.shapeOf(like), like.shape);
 }
 
 function feedForward(p: Params, cfg: T5Config, x: Value): Value {

@@ -161,17 +161,23 @@ export class Blip2Runtime {
   }
 
   /**
-   * T5's decoder cache for the encoder's output (one row per input) and `capacity` new positions:
-   * it holds every layer's cross-attention keys/values (`cross.{i}.key`), computed here once per
-   * input. With `rows` (beams, samples), decoding row i continues input `rows[i]`.
+   * T5's decoder cache for the encoder's output (one row per input), `rows` decoding rows (a
+   * multiple of the inputs: beams and samples of an input are adjacent rows) and `capacity` new
+   * positions: it holds every layer's cross-attention keys/values (`cross.{i}.key`), computed here
+   * once per input.
    */
-  async t5Cache(encoderHidden: ort.Tensor, capacity: number, rows?: number[]): Promise<CacheHandle> {
-    const cache = await this.newCache(rows?.length ?? encoderHidden.dims[0]!, capacity);
-    await (await this.session("t5_cross")).runIntoCache({ encoder_hidden_states: encoderHidden }, cache, rows);
+  async t5Cache(encoderHidden: ort.Tensor, capacity: number, rows = encoderHidden.dims[0]!): Promise<CacheHandle> {
+    if (rows % encoderHidden.dims[0]! !== 0) throw new Blip2Error(`internal: ${rows} decoding rows for ${encoderHidden.dims[0]} inputs`);
+    const cache = await this.newCache(rows, capacity);
+    await (await this.session("t5_cross")).runIntoCache({ encoder_hidden_states: encoderHidden }, cache);
     return cache;
   }
 
-  /** T5 decoder over new tokens after those in `cache` (which receives their keys and values, and holds the cross-attention ones). */
+  /**
+   * T5 decoder over new tokens after those in `cache` (which receives their keys and values, and
+   * holds the cross-attention ones). `encoderMask` has a row per input, `decoderInputIds` per
+   * decoding row.
+   */
   async t5Decode(decoderInputIds: number[][], encoderMask: number[][], cache: CacheHandle): Promise<Tensors> {
     const s = await this.session("t5_decoder");
     const length = decoderInputIds[0]!.length;

@@ -31,7 +31,10 @@ export class KvCache {
   /** Per row and slot: 1 where the slot holds a key to attend to (0 for padding and empty slots). */
   private slotMask: Uint8Array;
 
-  /** Inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`). */
+  /**
+   * Inputs fed unchanged with every step (T5's `cross.{i}.key` / `cross.{i}.value`), one row per
+   * input, which the rows continuing it share: always fed whole.
+   */
   cross: Record<string, ort.Tensor> = {};
   /** reorder's copy of the rows it overwrites but still reads, kept between steps. */
   private scratch = new Float32Array(0);
@@ -62,7 +65,7 @@ export class KvCache {
 
   /**
    * A step's inputs from the cache for rows `first`..`first + count` (the whole cache by default):
-   * every slot's keys/values (views, not copies), the cross-attention inputs, and the attention
+   * every slot's keys/values (views, not copies), all of the cross-attention inputs, and the attention
    * mask (every slot, then the new positions' own `newMask`). While the cache is empty (a prompt's
    * pass), one masked slot stands for it (see fedSlots).
    */
@@ -76,7 +79,8 @@ export class KvCache {
     const slots = this.fedSlots;
     const empty = slots < capacity ? new ort.Tensor("float32", new Float32Array(count * heads * slots * headDim), [count, heads, slots, headDim]) : null;
     for (const [name, t] of Object.entries(this.tensors)) out[name] = empty ?? rowsOf(t);
-    for (const [name, t] of Object.entries(this.cross)) out[name] = rowsOf(t);
+    if (!whole && Object.keys(this.cross).length) throw new Blip2Error("internal: a cache with cross-attention inputs runs all of its rows at once");
+    Object.assign(out, this.cross);
     return out;
   }
 

@@ -53,7 +53,7 @@ interface Host {
   create(id: number, name: string, model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
   run(id: number, feeds: Record<string, ort.Tensor>, step?: CacheStep): Promise<Record<string, ort.Tensor>>;
   release(id: number): Promise<void>;
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]): Promise<void>;
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number): Promise<void>;
   newCache(id: number, shape: CacheShape): Promise<void>;
   resizeCache(id: number, capacity: number, keep: number): Promise<void>;
   reorderCache(id: number, index: number[], shared: number): Promise<void>;
@@ -71,8 +71,8 @@ class LocalHost implements Host {
   release(id: number) {
     return this.host.release(id);
   }
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]) {
-    return this.host.runIntoCache(id, feeds, cache, rows);
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
+    return this.host.runIntoCache(id, feeds, cache);
   }
   async newCache(id: number, shape: CacheShape) {
     this.host.newCache(id, shape);
@@ -140,8 +140,8 @@ class WorkerHost implements Host {
   release(id: number) {
     return this.call<void>({ op: "release", id });
   }
-  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number, rows?: number[]) {
-    return this.call<void>({ op: "runIntoCache", id, feeds: toWire(feeds), cache, rows });
+  runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cache: number) {
+    return this.call<void>({ op: "runIntoCache", id, feeds: toWire(feeds), cache });
   }
   newCache(id: number, shape: CacheShape) {
     return this.call<void>({ op: "newCache", id, shape });
@@ -251,11 +251,11 @@ export class CompiledGraph {
   /**
    * Runs the session and keeps its outputs beside `cache`, fed to each of its steps (T5's
    * cross-attention keys/values: 60 MB for 4 rows of Flan-T5-XL, never sent between threads).
-   * With `rows`, the cache's row i gets the outputs' row `rows[i]` (beams of one input share it).
+   * They stay one row per input: the rows continuing an input (beams) share it (see models/t5.ts).
    */
-  runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle, rows?: number[]): Promise<void> {
+  runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle): Promise<void> {
     this.checkHost(cache);
-    return this.host.runIntoCache(this.id, feeds, cache.id, rows);
+    return this.host.runIntoCache(this.id, feeds, cache.id);
   }
 
   /** A key/value cache beside this session (see runtime/kvCache.ts). */

@@ -6,7 +6,7 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { CacheMemory, gatherRows, KvCache, rowView, type CacheShape } from "./kvCache.js";
+import { CacheMemory, KvCache, rowView, type CacheShape } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
@@ -51,14 +51,9 @@ export class SessionHost {
     return outputs;
   }
 
-  /**
-   * Runs a session whose outputs stay here as the cache's per-step inputs (T5's cross-attention
-   * keys/values), their rows `rows` in that order when given.
-   */
-  async runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cacheId: number, rows?: number[]): Promise<void> {
-    const cache = this.cache(cacheId);
-    const outputs = await this.runSession(id, feeds);
-    cache.cross = rows ? Object.fromEntries(Object.entries(outputs).map(([name, t]) => [name, gatherRows(t, rows)])) : outputs;
+  /** Runs a session whose outputs stay here as the cache's per-step inputs (T5's cross-attention keys/values). */
+  async runIntoCache(id: number, feeds: Record<string, ort.Tensor>, cacheId: number): Promise<void> {
+    this.cache(cacheId).cross = await this.runSession(id, feeds);
   }
 
   async release(id: number): Promise<void> {

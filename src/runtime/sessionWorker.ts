@@ -22,7 +22,7 @@ parentPort!.on("message", async (m) => {
         break;
       }
       case "runIntoCache":
-        await host.runIntoCache(m.id, fromWire(m.feeds), m.cache, m.rows);
+        await host.runIntoCache(m.id, fromWire(m.feeds), m.cache);
         break;
       case "release":
         await host.release(m.id);
