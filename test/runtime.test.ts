@@ -192,6 +192,39 @@ describe("key/value cache", () => {
     expect(Array.from(kept.tensors["past.0.key"]!.data as Float32Array)).toEqual([0, 10, 0, 0, 0, 0, 1, 11, 0, 0, 0, 0, 100, 110, 0, 0, 0, 0, 101, 111, 0, 0, 0, 0]);
     expect(Array.from(kept.inputs([[1], [1]]).attention_mask!.data as BigInt64Array, Number)).toEqual([1, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1]);
     expect(() => cache.resized(6, 4)).toThrow(/cannot keep 4 slots of 3/);
+    expect(kept.memory.buffer).not.toBe(cache.memory.buffer);
+  });
+
+  it("resizes within its own block when it fits, growing or shrinking, and the host keeps that block", async () => {
+    const { KvCache } = await import("../src/runtime/kvCache.js");
+    const { SessionHost } = await import("../src/runtime/sessionHost.js");
+    const shape = { layers: 2, rows: 2, heads: 3, capacity: 4, headDim: 2 };
+    const block = new Float32Array(2 * 2 * 2 * 3 * 7 * 2).fill(-1);
+    const cache = new KvCache(shape, (floats) => block.subarray(0, floats).fill(0));
+    // Slot s of head h of row r of tensor n holds 1000n + 100r + 10h + s (both values of the slot).
+    const value = (n: number, r: number, h: number, s: number) => 1000 * n + 100 * r + 10 * h + s;
+    Object.values(cache.tensors).forEach((t, n) => (t.data as Float32Array).forEach((_, i, a) => (a[i] = Math.floor(i / 2) % 4 < 3 ? value(n, Math.floor(i / 24), Math.floor(i / 8) % 3, Math.floor(i / 2) % 4) : 0)));
+    cache.length = 3;
+    const expected = (capacity: number, keep: number) =>
+      [0, 1, 2, 3].map((n) => Array.from({ length: 2 * 3 * capacity * 2 }, (_, i) => {
+        const s = Math.floor(i / 2) % capacity;
+        return s < keep ? value(n, Math.floor(i / (6 * capacity)), Math.floor(i / (2 * capacity)) % 3, s) : 0;
+      }));
+    const grown = cache.resized(7, 3, () => { throw new Error("allocated"); });
+    expect(grown.memory.buffer).toBe(block.buffer);
+    expect(Object.values(grown.tensors).map((t) => Array.from(t.data as Float32Array))).toEqual(expected(7, 3));
+    const shrunk = grown.resized(3, 2, () => { throw new Error("allocated"); });
+    expect(Object.values(shrunk.tensors).map((t) => Array.from(t.data as Float32Array))).toEqual(expected(3, 2));
+    expect(Array.from(shrunk.inputs([[1], [1]]).attention_mask!.data as BigInt64Array, Number)).toEqual([0, 0, 0, 1, 0, 0, 0, 1]);
+    expect(() => shrunk.resized(8, 2, (floats) => new Float32Array(floats))).not.toThrow();
+
+    // The host hands a block to another cache only when the resized one left it.
+    const host = new SessionHost();
+    host.newCache(1, shape);
+    host.resizeCache(1, 5, 0);
+    host.newCache(2, shape);
+    const memoryOf = (id: number) => (host as unknown as { caches: Map<number, InstanceType<typeof KvCache>> }).caches.get(id)!.memory.buffer;
+    expect(memoryOf(2)).not.toBe(memoryOf(1));
   });
 
   it("reorders rows as beam search asks: any index, cycles included, filled slots past the shared ones only", async () => {

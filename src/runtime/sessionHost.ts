@@ -68,8 +68,9 @@ export class SessionHost {
 
   resizeCache(id: number, capacity: number, keep: number): void {
     const old = this.cache(id);
-    this.caches.set(id, old.resized(capacity, keep, this.cacheMemory.allocate));
-    this.cacheMemory.release(old.memory);
+    const resized = old.resized(capacity, keep, this.cacheMemory.allocate);
+    this.caches.set(id, resized);
+    if (resized.memory.buffer !== old.memory.buffer) this.cacheMemory.release(old.memory);
   }
 
   reorderCache(id: number, index: number[], shared: number): void {

@@ -32,8 +32,8 @@ parentPort!.on("message", async (m) => {
         break;
       case "resizeCache":
         host.resizeCache(m.id, m.capacity, m.keep);
-        // A kept cache's next generation starts: the last one's garbage goes now (the old block went
-        // back to the host's CacheMemory).
+        // A kept cache's next generation starts: the last one's garbage goes now (the cache moved
+        // within its block, or the old block went back to the host's CacheMemory).
         collectGarbage();
         break;
       case "reorderCache":
