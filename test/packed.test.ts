@@ -34,9 +34,12 @@ function externalOffsets(model: string): number[] {
   );
 }
 
-/** Each packed folder with its files' modification times, to tell a reopened copy from a rewritten one. */
+/**
+ * Each packed folder with its files' modification times, to tell a reopened copy from a rewritten
+ * one (but the record's, which each opening sets).
+ */
 const snapshot = (root: string) =>
-  Object.fromEntries(fs.readdirSync(root).map((d) => [d, fs.readdirSync(path.join(root, d)).sort().map((f) => `${f}@${fs.statSync(path.join(root, d, f)).mtimeMs}`)]));
+  Object.fromEntries(fs.readdirSync(root).map((d) => [d, fs.readdirSync(path.join(root, d)).sort().map((f) => (f === "entry.json" ? f : `${f}@${fs.statSync(path.join(root, d, f)).mtimeMs}`))]));
 
 describe("packed weights", () => {
   const root = packedRoot(cache);
@@ -143,6 +146,26 @@ describe("packed weights", () => {
       warn.mockRestore();
       fs.rmSync(small, { recursive: true, force: true });
     }
+  });
+
+  it("are marked when opened, and an older copy of the same graph's weights counts as superseded", async () => {
+    // Later than any save before (a file's time may trail the clock by a few milliseconds).
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const start = Date.now() - 50;
+    await scores();
+    const usable = listPacked(cache).filter((e) => !e.stale);
+    expect(usable.length).toBeGreaterThanOrEqual(2);
+    for (const e of usable) expect(fs.statSync(path.join(e.dir, "entry.json")).mtimeMs).toBeGreaterThanOrEqual(start);
+    // What a graph built by an earlier blip2 leaves: a copy of the same graph's weights under another key, opened before.
+    const older = path.join(root, "0".repeat(32));
+    fs.cpSync(usable[0]!.dir, older, { recursive: true });
+    const hourAgo = new Date(Date.now() - 3600e3);
+    fs.utimesSync(path.join(older, "entry.json"), hourAgo, hourAgo);
+    const listed = listPacked(cache);
+    expect(listed.find((e) => e.dir === older)!.stale).toBe(`superseded by ${path.basename(usable[0]!.dir)} (the same graph's weights, opened since: its graph changed with blip2)`);
+    expect(listed.filter((e) => e.stale).map((e) => e.dir)).toEqual([older]);
+    expect(pruneStalePacked(cache).paths).toEqual([older]);
+    expect(listPacked(cache).filter((e) => !e.stale).map((e) => e.dir).sort()).toEqual(usable.map((e) => e.dir).sort());
   });
 
   it("follow their weight files: a changed file gets new ones, and blip2 cache --prune removes the stale", async () => {

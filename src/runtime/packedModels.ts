@@ -109,6 +109,19 @@ export class PackedModel {
     }
   }
 
+  /**
+   * Marks the copy as opened now (its record's modification time), so that `blip2 cache` can tell
+   * an older copy of the same graph's weights, which no load opens any more, from this one.
+   */
+  markOpened(): void {
+    try {
+      const now = new Date();
+      fs.utimesSync(path.join(this.dir, RECORD), now, now);
+    } catch {
+      // a read-only cache: nothing is pruned from it either
+    }
+  }
+
   /** Removes the copy, where the cache can be written (a read-only one keeps it). */
   remove(): void {
     try {
@@ -179,6 +192,7 @@ export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes
   }
   try {
     await slot.create(packed.model, packed.openOptions(options));
+    packed.markOpened();
   } catch (err) {
     warnOnce(`${packed.dir}: cannot open the packed weights kept there (${describeError(err).slice(0, 200)}); packing them again`);
     packed.remove();
@@ -236,15 +250,36 @@ export function listPacked(cacheDir: string): PackedEntry[] {
   const root = packedRoot(cacheDir);
   if (!fs.existsSync(root)) return [];
   const here = { onnxruntime: env.versions.common, cpu: cpuIdentity() };
-  return fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => {
+  const entries = fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d): PackedEntry & { opened?: number } => {
     const dir = path.join(root, d.name);
     const bytes = bytesOf(dir);
     const writing = partialWriterAlive(d.name);
     if (writing !== null) return { dir, bytes, stale: writing ? undefined : "left by a process that was killed while saving it" };
     const record = readRecord(dir);
     if (!record) return { dir, bytes, stale: "incomplete" };
-    return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here) };
+    const opened = fs.statSync(path.join(dir, RECORD)).mtimeMs;
+    return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here), opened };
   });
+  markSuperseded(entries);
+  return entries.map(({ opened: _, ...e }) => e);
+}
+
+/**
+ * Of the usable copies of one graph packed from the same weight files, only the one opened last is
+ * still of use: the others were made for that graph as an earlier version of blip2 built it (a
+ * graph's key includes its bytes, so a changed graph gets a copy of its own, 2-5 GB for a 3B model).
+ */
+function markSuperseded(entries: (PackedEntry & { opened?: number })[]): void {
+  const latest = new Map<string, PackedEntry & { opened?: number }>();
+  const group = (e: PackedEntry) => JSON.stringify([e.graph, e.weights]);
+  for (const e of entries) {
+    const last = latest.get(group(e));
+    if (!e.stale && e.opened !== undefined && (!last || e.opened > last.opened!)) latest.set(group(e), e);
+  }
+  for (const e of entries) {
+    const last = latest.get(group(e));
+    if (!e.stale && last && last !== e) e.stale = `superseded by ${path.basename(last.dir)} (the same graph's weights, opened since: its graph changed with blip2)`;
+  }
 }
 
 function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: string }): string | undefined {
