@@ -109,6 +109,35 @@ describe("chat", () => {
     expect(chat.history).toHaveLength(30);
   });
 
+  it("dropTo: a drop leaves that share of the window, dropped turns stay out, and the next turns add to a kept cache", async () => {
+    const b = await blip2;
+    const decode = vi.spyOn(Blip2Runtime.prototype, "optDecode");
+    const window = 64;
+    const talk = async (dropTo?: number) => {
+      decode.mockClear();
+      const chat = await b.chat(fixture("image0.png"), { contextWindow: window, dropTo });
+      const dropped: number[] = [];
+      for (let turn = 0; turn < 20; turn++) {
+        const question = `what is in picture ${turn}?`;
+        const prompt = chat.prompt(question, 4);
+        expect(prompt.inputIds.length + 4).toBeLessThanOrEqual(window);
+        if (prompt.droppedTurns > (dropped.at(-1) ?? 0)) expect(prompt.inputIds.length + 4).toBeLessThanOrEqual((dropTo ?? 1) * window);
+        expect((await chat.ask(question, { maxNewTokens: 4, minNewTokens: 4 })).droppedTurns).toBe(prompt.droppedTurns);
+        dropped.push(prompt.droppedTurns);
+      }
+      await chat.dispose();
+      return { dropped, drops: new Set(dropped).size - 1, positions: decode.mock.calls.reduce((n, [embeds]) => n + embeds.dims[1]!, 0) };
+    };
+    const fit = await talk();
+    const half = await talk(0.5);
+    decode.mockRestore();
+    for (const { dropped } of [fit, half]) expect(dropped).toEqual([...dropped].sort((x, y) => x - y));
+    expect(fit.drops).toBeGreaterThan(2);
+    expect(half.drops).toBeLessThan(fit.drops);
+    expect(half.positions).toBeLessThan(fit.positions);
+    await expect(b.chat(fixture("image0.png"), { dropTo: 0 })).rejects.toThrow(/dropTo must be a share of the window in \(0, 1\], got 0/);
+  });
+
   it("keeps the cache between turns: the answers of whole passes, each turn running only what is new", async () => {
     const b = await blip2;
     const decode = vi.spyOn(Blip2Runtime.prototype, "optDecode");

@@ -80,6 +80,18 @@ describe("blip2 chat", () => {
     expect(r.stderr).toMatch(/left out the \d+ oldest turns? to stay within the context window/);
     expect(r.stderr).toMatch(/does not fit the 48-token window/);
     expect(r.stdout.trim().split("\n")).toHaveLength(7);
+    // --drop-to 0.5 frees half of the window at each drop: fewer drops for the same questions.
+    const drops = async (...dropTo: string[]) => {
+      const run = await cliWithInput(`${questions}\n`, "chat", "-m", fixture("tiny-blip2-opt"), "--context-window", "64", ...dropTo, "--max-new-tokens", "4", fixture("image0.png"));
+      expect(run.code).toBe(0);
+      return run.stderr.match(/left out the \d+ oldest turns?/g)?.length ?? 0;
+    };
+    const [fit, half] = [await drops(), await drops("--drop-to", "0.5")];
+    expect(half).toBeGreaterThan(0);
+    expect(half).toBeLessThan(fit);
+    const bad = await cliWithInput("hi\n", "chat", "-m", fixture("tiny-blip2-opt"), "--drop-to", "1.5", fixture("image0.png"));
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/invalid value for --drop-to: expected a share of the window in \(0, 1\], got "1.5"/);
   });
 });
 
