@@ -65,9 +65,9 @@ export class KvCache {
 
   /**
    * A step's inputs from the cache for rows `first`..`first + count` (the whole cache by default):
-   * every slot's keys/values (views, not copies), all of the cross-attention inputs, and the attention
-   * mask (every slot, then the new positions' own `newMask`). While the cache is empty (a prompt's
-   * pass), one masked slot stands for it (see fedSlots).
+   * every slot's keys/values (views, not copies), all of the cross-attention inputs, and the
+   * attention mask (every slot, then the new positions' own `newMask`). While the cache is empty (a
+   * prompt's pass), one masked slot stands for it (see fedSlots).
    */
   inputs(newMask: number[][], first = 0): Record<string, ort.Tensor> {
     const count = newMask.length;
@@ -111,7 +111,7 @@ export class KvCache {
    * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, heads, S, headDim],
    * heads split as the cache holds them) into the next free slots: one copy per row and head, since
    * both lay a head's positions out one after another. (Projections as computed, [rows, S, heads *
-   * headDim], took a copy per position too: 60 ms for a 4-row prompt of OPT-2.7B.) `advance` then
+   * headDim], took a copy per position too: 56 ms for a 4-row prompt of OPT-2.7B.) `advance` then
    * counts the slots as filled, once every row is written.
    */
   write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
