@@ -257,7 +257,7 @@ export function listPacked(cacheDir: string): PackedEntry[] {
     if (writing !== null) return { dir, bytes, stale: writing ? undefined : "left by a process that was killed while saving it" };
     const record = readRecord(dir);
     if (!record) return { dir, bytes, stale: "incomplete" };
-    const opened = fs.statSync(path.join(dir, RECORD)).mtimeMs;
+    const opened = fs.statSync(path.join(dir, RECORD), { throwIfNoEntry: false })?.mtimeMs;
     return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here), opened };
   });
   markSuperseded(entries);
