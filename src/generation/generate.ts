@@ -113,12 +113,7 @@ function repeatRows(rows: number[], copies: number): number[] {
 
 /** Logits of the last position of every row: [rows, S, V] -> [rows * V]. */
 function lastPosition(logits: ort.Tensor): Float32Array {
-  const [rows, length, vocab] = logits.dims as [number, number, number];
-  const data = logits.data as Float32Array;
-  if (length === 1) return data;
-  const out = new Float32Array(rows * vocab);
-  for (let r = 0; r < rows; r++) out.set(data.subarray((r * length + length - 1) * vocab, (r * length + length) * vocab), r * vocab);
-  return out;
+  return sliceLength(logits, logits.dims[1]! - 1).data as Float32Array;
 }
 
 class OptDecoding implements DecodingModel {
@@ -146,7 +141,7 @@ class OptDecoding implements DecodingModel {
   async prefill(): Promise<Float32Array> {
     const [cache, from] = await this.promptCache(this.embeds.dims[1]! + this.maxNewTokens);
     this.cache = cache;
-    const embeds = from ? sliceLength(this.embeds, from) : this.embeds;
+    const embeds = sliceLength(this.embeds, from);
     const mask = this.promptMask.map((row) => row.slice(from));
     const logits = lastPosition((await this.rt.optDecode(embeds, mask, cache, true)).logits!);
     await cache.reorder(this.rows);
@@ -198,8 +193,9 @@ class OptDecoding implements DecodingModel {
   }
 }
 
-/** Positions `from`.. of [B, S, D] embeddings. */
+/** Positions `from`.. of a [B, S, D] tensor (the tensor itself from 0). */
 function sliceLength(t: ort.Tensor, from: number): ort.Tensor {
+  if (from === 0) return t;
   const [batch, length, d] = t.dims as [number, number, number];
   const src = t.data as Float32Array;
   const out = new Float32Array(batch * (length - from) * d);
