@@ -147,15 +147,8 @@ export class KvCache {
     const block = new Float32Array(this.memory.buffer);
     const inPlace = block.length >= 2 * layers * rows * heads * capacity * headDim;
     const out = new KvCache({ ...this.shape, capacity }, inPlace ? (floats) => block.subarray(0, floats) : allocate);
+    this.copySlots(out.memory, capacity, keep);
     const from = this.shape.capacity;
-    if (inPlace) this.moveSlots(capacity, keep);
-    else {
-      for (const [name, t] of Object.entries(this.tensors)) {
-        const src = t.data as Float32Array;
-        const dst = out.tensors[name]!.data as Float32Array;
-        for (let rh = 0; rh < rows * heads; rh++) dst.set(src.subarray(rh * from * headDim, (rh * from + keep) * headDim), rh * capacity * headDim);
-      }
-    }
     for (let r = 0; r < rows; r++) out.slotMask.set(this.slotMask.subarray(r * from, r * from + keep), r * capacity);
     out.length = keep;
     out.cross = this.cross;
@@ -163,20 +156,25 @@ export class KvCache {
   }
 
   /**
-   * Moves the first `keep` slots of every head of every tensor to where a cache of `capacity` slots
-   * in the same block has them, and zeroes the slots after them. Spans move in the order that reads
-   * each before anything is written over it: from the front when the stride shrinks (every span
-   * moves down), from the back when it grows.
+   * Copies the first `keep` slots of every head of every tensor (span k of the block: the tensors
+   * lie one after another) to where `to`, the memory of a cache of `capacity` slots, has them. In
+   * this cache's own block they move in the order that reads each span before anything is written
+   * over it (from the front when the stride shrinks, from the back when it grows), and the slots
+   * after them are zeroed; memory of its own is zero already.
    */
-  private moveSlots(capacity: number, keep: number): void {
+  private copySlots(to: Float32Array, capacity: number, keep: number): void {
     const { layers, rows, heads, headDim } = this.shape;
-    const block = new Float32Array(this.memory.buffer);
     const spans = 2 * layers * rows * heads;
-    const [oldStride, newStride] = [this.shape.capacity * headDim, capacity * headDim];
-    const move = (k: number) => block.copyWithin(k * newStride, k * oldStride, k * oldStride + keep * headDim);
+    const [oldStride, newStride, span] = [this.shape.capacity * headDim, capacity * headDim, keep * headDim];
+    if (to.buffer !== this.memory.buffer) {
+      for (let k = 0; k < spans; k++) to.set(this.memory.subarray(k * oldStride, k * oldStride + span), k * newStride);
+      return;
+    }
+    const block = new Float32Array(this.memory.buffer);
+    const move = (k: number) => block.copyWithin(k * newStride, k * oldStride, k * oldStride + span);
     if (newStride <= oldStride) for (let k = 0; k < spans; k++) move(k);
     else for (let k = spans - 1; k >= 0; k--) move(k);
-    for (let k = 0; k < spans; k++) block.fill(0, k * newStride + keep * headDim, (k + 1) * newStride);
+    for (let k = 0; k < spans; k++) block.fill(0, k * newStride + span, (k + 1) * newStride);
   }
 
   /**
