@@ -117,6 +117,8 @@ export interface ChatReply {
 export class Chat {
   readonly history: Turn[] = [];
   readonly contextWindow: number;
+  /** See ChatOptions.dropTo. */
+  private readonly dropTo: number;
   /** Turns before this one were dropped and stay out of the prompts. */
   private firstTurn = 0;
   private readonly kept: KeptCache = { handle: null, image: null, ids: [] };
@@ -130,8 +132,8 @@ export class Chat {
     private readonly options: ChatOptions,
   ) {
     this.contextWindow = options.contextWindow ?? 512;
-    const dropTo = options.dropTo ?? 1;
-    if (!(dropTo > 0 && dropTo <= 1)) throw new Blip2Error(`chat: dropTo must be a share of the window in (0, 1], got ${options.dropTo}`);
+    this.dropTo = options.dropTo ?? 1;
+    if (!(this.dropTo > 0 && this.dropTo <= 1)) throw new Blip2Error(`chat: dropTo must be a share of the window in (0, 1], got ${options.dropTo}`);
     keptCaches.register(this, this.kept, this);
   }
 
@@ -151,7 +153,7 @@ export class Chat {
     };
     const kept = fits(this.firstTurn, this.contextWindow);
     if (kept) return kept;
-    const share = Math.floor((this.options.dropTo ?? 1) * this.contextWindow);
+    const share = Math.floor(this.dropTo * this.contextWindow);
     for (const window of share < this.contextWindow ? [share, this.contextWindow] : [this.contextWindow]) {
       for (let dropped = this.firstTurn + 1; dropped <= this.history.length; dropped++) {
         const prompt = fits(dropped, window);
