@@ -314,17 +314,20 @@ export function multiHeadAttention(q: Value, keys: Value, values: Value, bias: V
 }
 
 /**
- * ONNX's QuantizeLinear with one scale per row of a matrix `x` [M, K] (axis 0): uint8 codes
- * round(x / scale) + zeroPoint, rounded half to even and saturated to [0, 255].
+ * ONNX's QuantizeLinear with one scale per row of `x` [..., K]: uint8 codes round(x / scale) +
+ * zeroPoint, rounded half to even and saturated to [0, 255]. `scales` and `zeroPoints` are
+ * [..., 1]: blocked quantization (opset 21) with one block of K along the last axis, so `x` needs no
+ * reshaping into a matrix first.
  */
 export function quantizeRows(x: Value, scales: Value, zeroPoints: Value): Value {
   const op = "QuantizeLinear";
-  if (x.rank !== 2 || x.dtype !== "float32") fail(op, `expects a float32 matrix, got ${x.name} ${fmt(x.shape)} ${x.dtype}`);
+  const k = x.dim(-1);
+  if (x.rank < 2 || x.dtype !== "float32" || typeof k !== "number") fail(op, `expects float32 rows [..., K] with K known, got ${x.name} ${fmt(x.shape)} ${x.dtype}`);
   for (const v of [scales, zeroPoints]) {
-    if (v.rank !== 1 || v.dim(0) !== x.dim(0)) fail(op, `${v.name} ${fmt(v.shape)} is not one value per row of ${x.name} ${fmt(x.shape)}`);
+    if (v.rank !== x.rank || v.dim(-1) !== 1) fail(op, `${v.name} ${fmt(v.shape)} is not one value per row of ${x.name} ${fmt(x.shape)}`);
   }
   if (zeroPoints.dtype !== "uint8") fail(op, `zero points ${zeroPoints.name} must be uint8, got ${zeroPoints.dtype}`);
-  return node(op, [x, scales, zeroPoints], { axis: attr.int(0) }, "uint8", x.shape);
+  return node(op, [x, scales, zeroPoints], { axis: attr.int(-1), block_size: attr.int(k) }, "uint8", x.shape);
 }
 
 /** ONNX's DequantizeLinear with one scale per column of an int8 matrix `codes` [K, N] (axis 1): codes x scale. */
@@ -337,18 +340,18 @@ export function dequantizeColumns(codes: Value, scales: Value): Value {
 
 /**
  * ONNX Runtime's com.microsoft.MatMulIntegerToFloat: (a - aZeroPoint) @ b in int32 sums, times
- * aScale (a scalar) and bScale (one per column of b), as float32. `a` is a uint8 matrix [M, K], `b`
+ * aScale (a scalar) and bScale (one per column of b), as float32. `a` is uint8 rows [..., K], `b`
  * int8 [K, N]: the unsigned-by-signed form ONNX Runtime's CPU kernels run fast (int8 by int8 through
  * MatMulInteger ran some 25 times slower).
  */
 export function matMulIntegerToFloat(a: Value, b: Value, aScale: Value, bScale: Value, aZeroPoint: Value): Value {
   const op = "MatMulIntegerToFloat";
-  if (a.dtype !== "uint8" || a.rank !== 2) fail(op, `expects a uint8 matrix, got ${a.name} ${fmt(a.shape)} ${a.dtype}`);
+  if (a.dtype !== "uint8" || a.rank < 2) fail(op, `expects uint8 rows [..., K], got ${a.name} ${fmt(a.shape)} ${a.dtype}`);
   if (b.dtype !== "int8" || b.rank !== 2) fail(op, `weight ${b.name} ${fmt(b.shape)} ${b.dtype} is not a 2-D int8 matrix`);
-  if (a.dim(1) !== b.dim(0)) fail(op, `inner dimensions differ: ${a.name} ${fmt(a.shape)} x ${b.name} ${fmt(b.shape)}`);
+  if (a.dim(-1) !== b.dim(0)) fail(op, `inner dimensions differ: ${a.name} ${fmt(a.shape)} x ${b.name} ${fmt(b.shape)}`);
   if (aScale.rank !== 0 || aZeroPoint.rank !== 0 || aZeroPoint.dtype !== "uint8") fail(op, `expects a scalar scale and a uint8 scalar zero point for ${a.name}`);
   if (bScale.rank !== 1 || bScale.dim(0) !== b.dim(1)) fail(op, `scales ${bScale.name} ${fmt(bScale.shape)} are not one per column of ${b.name} ${fmt(b.shape)}`);
-  return node(op, [a, b, aScale, bScale, aZeroPoint], {}, "float32", [a.dim(0), b.dim(1)], "com.microsoft");
+  return node(op, [a, b, aScale, bScale, aZeroPoint], {}, "float32", [...a.shape.slice(0, -1), b.dim(1)], "com.microsoft");
 }
 
 export interface NBitsOptions {

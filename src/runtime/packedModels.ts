@@ -87,10 +87,14 @@ export class PackedModel {
     readonly weightBytes: number,
   ) {}
 
-  /** The packed copy for a serialized graph that reads `weightBytes` bytes from `weightFiles` (real paths). */
-  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[], weightBytes: number): PackedModel {
+  /**
+   * The packed copy for a serialized graph that reads `weightBytes` bytes from `weightFiles` (real
+   * paths), optimized with `optimizer` (the session's optimizer settings: the copy holds the graph
+   * as ONNX Runtime optimized it).
+   */
+  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[], weightBytes: number, optimizer: string): PackedModel {
     const id = identity(weightFiles);
-    const key = crypto.createHash("sha256").update(bytes).update(JSON.stringify(id)).digest("hex").slice(0, 32);
+    const key = crypto.createHash("sha256").update(bytes).update(JSON.stringify(id)).update(optimizer).digest("hex").slice(0, 32);
     return new PackedModel(path.join(root, key), graph, id, weightBytes);
   }
 
