@@ -103,6 +103,13 @@ type Memory = "mapped" | "anonymous";
 const memoryOf = (dtype: string): Memory => (dtype === "fp32" || packed ? "mapped" : "anonymous");
 
 const run = promisify(execFile);
+/**
+ * A worker's warnings, passed on: they say when a run is not what it seems (packed weights that
+ * could not be saved are packed in private memory instead, and the figures then are of that).
+ */
+function relayWarnings(stderr: string, config: string): void {
+  for (const line of stderr.split("\n").filter((l) => l.startsWith("blip2: warning"))) console.error(`${config}: ${line}`);
+}
 const results: Record<string, unknown>[] = [];
 /**
  * The read bandwidth that bounds a configuration's decoding: the mean of probes taken just before
@@ -118,11 +125,13 @@ for (const dtype of dtypes) {
   // One untimed load first: the first process to allocate gigabytes after the page cache filled
   // the memory pays for the kernel's reclaim, which is not the model's load time.
   warm(tensors);
-  await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
+  const load = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", "1", "--load-only", "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
+  relayWarnings(load.stderr, `${dtype}, first load`);
   for (const threads of threadCounts) {
     warm(tensors);
     const before = await bandwidth(threads, memoryOf(dtype));
-    const { stdout } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
+    const { stdout, stderr } = await run(process.execPath, ["--import", "tsx", worker, "--dir", dir, "--dtype", dtype, "--threads", String(threads), "--runs", runs, "--tokens", tokens, "--reference", reference, "--device", device, ...packedFlag], { maxBuffer: 1 << 24 });
+    relayWarnings(stderr, `${dtype}, ${threads} thread(s)`);
     const after = await bandwidth(threads, memoryOf(dtype));
     const r = JSON.parse(stdout.trim().split("\n").at(-1)!);
     results.push({ ...r, memoryKind: memoryOf(dtype), bandwidthGBs: { before, after } });

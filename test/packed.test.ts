@@ -5,7 +5,7 @@ import path from "node:path";
 import onnxProto from "onnx-proto";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
-import { listPacked, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
+import { listPacked, PackedModel, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
 import { cli, fixture } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-"));
@@ -166,6 +166,18 @@ describe("packed weights", () => {
     expect(listed.filter((e) => e.stale).map((e) => e.dir)).toEqual([older]);
     expect(pruneStalePacked(cache).paths).toEqual([older]);
     expect(listPacked(cache).filter((e) => !e.stale).map((e) => e.dir).sort()).toEqual(usable.map((e) => e.dir).sort());
+  });
+
+  it("hold each graph as optimized with blip2's optimizer settings, which are part of their key", () => {
+    const copies = listPacked(cache);
+    expect(copies.length).toBeGreaterThan(0);
+    for (const e of copies) {
+      const ops = (onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(e.dir, "model.onnx"))).graph?.node ?? []).map((n) => n.opType);
+      expect(ops).toContain("MatMulIntegerToFloat");
+      expect(ops).not.toContain("BiasGelu");
+    }
+    const key = (optimizer: string) => path.basename(PackedModel.for(root, "image", Uint8Array.of(1), [], 0, optimizer).dir);
+    expect(key("BiasGeluFusion")).not.toBe(key(""));
   });
 
   it("follow their weight files: a changed file gets new ones, and blip2 cache --prune removes the stale", async () => {
