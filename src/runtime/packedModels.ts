@@ -89,11 +89,12 @@ export class PackedModel {
 
   /**
    * The packed copy for a serialized graph that reads `weightBytes` bytes from `weightFiles` (real
-   * paths), optimized with `optimizer` (the session's optimizer settings: the copy holds the graph
-   * as ONNX Runtime optimized it).
+   * paths), created with `options`: their optimizer settings are part of the key, since the copy
+   * holds the graph as ONNX Runtime optimized it.
    */
-  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[], weightBytes: number, optimizer: string): PackedModel {
+  static for(root: string, graph: string, bytes: Uint8Array, weightFiles: string[], weightBytes: number, options: ort.InferenceSession.SessionOptions): PackedModel {
     const id = identity(weightFiles);
+    const optimizer = JSON.stringify({ level: options.graphOptimizationLevel, optimization: options.extra?.optimization });
     const key = crypto.createHash("sha256").update(bytes).update(JSON.stringify(id)).update(optimizer).digest("hex").slice(0, 32);
     return new PackedModel(path.join(root, key), graph, id, weightBytes);
   }

@@ -240,7 +240,7 @@ export class CompiledGraph {
     if (device === "cpu" && options.packedDir && prepacks(graph)) {
       const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
       const weightBytes = graph.initializers.reduce((sum, i) => sum + (i.kind === "external" ? i.byteLength : 0), 0);
-      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes, DISABLED_OPTIMIZERS), bytes, sessionOptions, options.packingProgress);
+      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes, sessionOptions), bytes, sessionOptions, options.packingProgress);
     } else {
       await host.create(id, graph.name, bytes, sessionOptions);
     }
