@@ -4,7 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import onnxProto from "onnx-proto";
 import { afterAll, describe, expect, it, vi } from "vitest";
-import { Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
+import { Blip2, Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
 import { listPacked, PackedModel, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
 import { cli, fixture } from "./helpers.js";
 
@@ -31,6 +31,17 @@ function externalOffsets(model: string): number[] {
   const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
   return (proto.graph?.initializer ?? []).flatMap((i) =>
     (i.externalData ?? []).flatMap((e) => (e.key === "offset" ? [Number(e.value)] : e.key?.startsWith("prepacked_") ? [Number(/\|(\d+);/.exec(e.value ?? "")![1])] : [])),
+  );
+}
+
+/** The data-file ranges of a saved model's packed blobs. */
+function packedBlobs(model: string): { offset: number; length: number }[] {
+  const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
+  return (proto.graph?.initializer ?? []).flatMap((i) =>
+    (i.externalData ?? []).flatMap((e) => {
+      const m = e.key?.startsWith("prepacked_") ? /\|(\d+);(\d+);/.exec(e.value ?? "") : null;
+      return m ? [{ offset: Number(m[1]), length: Number(m[2]) }] : [];
+    }),
   );
 }
 
@@ -107,7 +118,7 @@ describe("packed weights", () => {
     const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
     try {
       expect(await scores()).toEqual(inMemory);
-      expect(warn.mock.calls.flat().join("\n")).toMatch(/cannot open the packed weights kept there .*; packing them again/);
+      expect(warn.mock.calls.flat().join("\n")).toMatch(/cannot use the packed weights kept there \(cannot create the .* session: .*\); removed, packing them again/);
     } finally {
       warn.mockRestore();
     }
@@ -115,6 +126,61 @@ describe("packed weights", () => {
     // The next load saves them again.
     expect(await scores()).toEqual(inMemory);
     expect(fs.readdirSync(root).length).toBe(dirs.length);
+  });
+
+  it("whose packed blobs compute other numbers than the saving session did are reported, removed and packed again", async () => {
+    const dirs = fs.readdirSync(root);
+    // Every packed blob's bytes reversed: the file keeps its size, and the copy still opens.
+    for (const d of dirs) {
+      const data = path.join(root, d, "model.data");
+      const bytes = fs.readFileSync(data);
+      for (const { offset, length } of packedBlobs(path.join(root, d, "model.onnx"))) bytes.subarray(offset, offset + length).reverse();
+      fs.writeFileSync(data, bytes);
+    }
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      expect(await scores()).toEqual(inMemory);
+      const told = warn.mock.calls.flat().join("\n");
+      for (const d of dirs) expect(told).toMatch(new RegExp(`${d}: cannot use the packed weights kept there \\(they compute other numbers than packing in memory did: .*: relative error [\\d.e+]+\\); removed, packing them again`));
+    } finally {
+      warn.mockRestore();
+    }
+    for (const d of dirs) expect(fs.existsSync(path.join(root, d))).toBe(false);
+    expect(await scores()).toEqual(inMemory);
+    expect(fs.readdirSync(root).sort()).toEqual(dirs.sort());
+  });
+
+  it("of every generation graph are checked by their probe, opened without a warning", async () => {
+    const own = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-gen-"));
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      for (const name of ["tiny-blip2-opt", "tiny-blip2-t5"]) {
+        const ids: number[][] = [];
+        for (const packedWeights of [false, true, true]) {
+          const b = await Blip2.load(fixture(name), { dtype: "q8", blip2Cache: own, packedWeights });
+          ids.push((await b.captionAll([fixture("image0.png")], { maxNewTokens: 5 }))[0]!.ids);
+          await b.dispose();
+        }
+        expect(ids[1], name).toEqual(ids[0]);
+        expect(ids[2], name).toEqual(ids[0]);
+      }
+      expect(warn).not.toHaveBeenCalled();
+      const graphs = listPacked(own).map((e) => {
+        const record = JSON.parse(fs.readFileSync(path.join(e.dir, "entry.json"), "utf8"));
+        return `${e.graph}: ${Object.keys(record.probe).filter((o) => !/^new\.[1-9]|^cross\.[1-9]/.test(o)).join(" ")}`;
+      });
+      expect(graphs.sort()).toEqual([
+        "image: vision_last_hidden_state vision_pooler_output qformer_last_hidden_state language_model_inputs",
+        "image: vision_last_hidden_state vision_pooler_output qformer_last_hidden_state language_model_inputs",
+        "opt_decoder: logits new.0.key new.0.value",
+        "t5_cross_key_values: cross.0.key cross.0.value",
+        "t5_decoder: logits new.0.key new.0.value",
+        "t5_encoder: last_hidden_state",
+      ]);
+    } finally {
+      warn.mockRestore();
+      fs.rmSync(own, { recursive: true, force: true });
+    }
   });
 
   it("where they cannot be saved, loading warns and packs in memory", async () => {

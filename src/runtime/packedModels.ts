@@ -11,6 +11,9 @@
  * differently) and on ONNX Runtime's version, so both are part of the key, with the graph itself,
  * the size and modification time of every weight file it reads, and how blip2 writes the copy (its
  * data file is page-aligned after ONNX Runtime saves it: see alignPacked.ts).
+ *
+ * ONNX Runtime maps the packed weights as they are: every session opened from a copy is first
+ * checked against the session that saved it (see probe.ts).
  */
 import crypto from "node:crypto";
 import fs from "node:fs";
@@ -22,6 +25,7 @@ import { describeError } from "../errors.js";
 import { bytesOf, partialFile, partialWriterAlive, removeAbandonedFiles } from "../io/partialFile.js";
 import { warnOnce } from "../warn.js";
 import { alignPacked } from "./alignPacked.js";
+import { probeDifference, sampleOutputs, type ProbeRecord } from "./probe.js";
 
 const MODEL = "model.onnx";
 const DATA = "model.data";
@@ -35,7 +39,7 @@ export const packedRoot = (cacheDir: string) => path.join(cacheDir, "packed");
 export const packedDataFile = (dir: string) => path.join(dir, DATA);
 
 /** How blip2 writes packed copies (see alignPacked.ts); copies written otherwise are not opened. */
-const FORMAT = "blip2-packed/2";
+const FORMAT = "blip2-packed/3";
 
 /** What a packed copy was made for: the ONNX Runtime, the CPU and the weight files it was packed from. */
 interface Identity {
@@ -50,6 +54,8 @@ export interface PackedRecord extends Identity {
   graph: string;
   /** The size of the data file as written: a shorter one (truncated) would fault when mapped. */
   dataBytes: number;
+  /** What the probe gave in the session that saved the copy (packed in memory). */
+  probe: ProbeRecord;
 }
 
 /** The CPU's model and instruction-set flags: packed layouts differ between them. */
@@ -103,14 +109,17 @@ export class PackedModel {
     return path.join(this.dir, MODEL);
   }
 
-  /** Saved completely: the record is written last, and the data file still has the size it had. */
-  ready(): boolean {
+  /**
+   * The copy's record if it was saved completely (the record is written last) by this version of
+   * blip2, and its data file still has the size it had; else null.
+   */
+  record(): PackedRecord | null {
     const record = readRecord(this.dir);
-    if (!record) return false;
+    if (record?.format !== FORMAT) return null;
     try {
-      return fs.statSync(packedDataFile(this.dir)).size === record.dataBytes && fs.existsSync(this.model);
+      return fs.statSync(packedDataFile(this.dir)).size === record.dataBytes && fs.existsSync(this.model) ? record : null;
     } catch {
-      return false;
+      return null;
     }
   }
 
@@ -154,17 +163,17 @@ export class PackedModel {
   }
 
   /**
-   * Records the saved files in `folder` and moves them into place, over a damaged copy; where another
-   * process has been first, its copy stays.
+   * Records the saved files in `folder` with the probe's outputs, and moves them into place, over a
+   * damaged copy; where another process has been first, its copy stays.
    */
-  commit(folder: string): void {
-    const record: PackedRecord = { graph: this.graph, ...this.identity, dataBytes: fs.statSync(packedDataFile(folder)).size };
-    fs.writeFileSync(path.join(folder, RECORD), JSON.stringify(record, null, 1) + "\n");
-    if (fs.existsSync(this.dir) && !this.ready()) this.remove();
+  commit(folder: string, probe: ProbeRecord): void {
+    const record: PackedRecord = { graph: this.graph, ...this.identity, dataBytes: fs.statSync(packedDataFile(folder)).size, probe };
+    fs.writeFileSync(path.join(folder, RECORD), JSON.stringify(record) + "\n");
+    if (fs.existsSync(this.dir) && !this.record()) this.remove();
     try {
       fs.renameSync(folder, this.dir);
     } catch (err) {
-      if (!this.ready()) throw err;
+      if (!this.record()) throw err;
     }
   }
 }
@@ -175,37 +184,45 @@ export interface PackingProgress {
   done: boolean;
 }
 
-/** One session slot of a host: created from graph bytes or a model file, and released. */
+/** One session slot of a host: created from graph bytes or a model file, run, and released. */
 export interface SessionSlot {
   create(model: Uint8Array | string, options: ort.InferenceSession.SessionOptions): Promise<void>;
+  run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>>;
   release(): Promise<void>;
 }
 
 let nextFolder = 0;
 
 /**
- * Creates the session from its packed copy, saving that first where it is missing. Where the copy
- * cannot be saved (a full disk, a read-only cache) or opened, the session packs its weights in
- * memory as before, with a warning.
+ * Creates the session from its packed copy, saving that first where it is missing, and checks it
+ * with the probe (`probe`: the graph's probe inputs, see probe.ts). Where the copy cannot be saved
+ * (a full disk, a read-only cache), opened, or computes other numbers than the session that saved
+ * it, the session packs its weights in memory as before, with a warning; a copy that failed is
+ * removed, and the next load saves it again.
  */
-export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, progress?: (p: PackingProgress) => void): Promise<void> {
-  if (!packed.ready()) {
+export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, probe: Record<string, ort.Tensor>, progress?: (p: PackingProgress) => void): Promise<void> {
+  let record = packed.record();
+  if (!record) {
     progress?.({ graph: packed.graph, done: false });
-    const saved = await save(slot, packed, bytes, options);
+    const saved = await save(slot, packed, bytes, options, probe);
     progress?.({ graph: packed.graph, done: true });
-    if (!saved) return slot.create(bytes, options);
+    record = saved ? packed.record() : null;
+    if (!record) return slot.create(bytes, options);
   }
   try {
     await slot.create(packed.model, packed.openOptions(options));
+    const differs = probeDifference(record.probe, sampleOutputs(await slot.run(probe)));
+    if (differs) throw new Error(`they compute other numbers than packing in memory did: ${differs}`);
     packed.markOpened();
   } catch (err) {
-    warnOnce(`${packed.dir}: cannot open the packed weights kept there (${describeError(err).slice(0, 200)}); packing them again`);
+    warnOnce(`${packed.dir}: cannot use the packed weights kept there (${describeError(err).slice(0, 200)}); removed, packing them again`);
+    await slot.release();
     packed.remove();
     await slot.create(bytes, options);
   }
 }
 
-async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions): Promise<boolean> {
+async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, probe: Record<string, ort.Tensor>): Promise<boolean> {
   const folder = partialFile(`${packed.dir}-${++nextFolder}`);
   try {
     fs.mkdirSync(folder, { recursive: true });
@@ -219,9 +236,10 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
     // A copy: the bytes are handed over to a worker thread, and needed again if saving fails (a
     // Node Buffer's slice() would share them).
     await slot.create(new Uint8Array(bytes), packed.saveOptions(options, folder));
+    const expected = sampleOutputs(await slot.run(probe));
     await slot.release();
     alignPacked(folder, MODEL, DATA);
-    packed.commit(folder);
+    packed.commit(folder, expected);
     return true;
   } catch (err) {
     warnOnce(`cannot keep packed weights in ${path.dirname(packed.dir)} (${describeError(err).slice(0, 200)}); they are packed in memory at each load`);

@@ -16,6 +16,7 @@ import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
 import { fedSlots, rowView, type CacheShape } from "./kvCache.js";
 import { createPacked, PackedModel, type PackingProgress } from "./packedModels.js";
+import { probeFeeds } from "./probe.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
 export const DEVICES = ["cpu", "webgpu", "cuda"] as const;
@@ -238,9 +239,14 @@ export class CompiledGraph {
     const host = hostFor(options, device);
     const id = ++nextId;
     if (device === "cpu" && options.packedDir && prepacks(graph)) {
-      const slot = { create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o), release: () => host.release(id) };
+      const slot = {
+        create: (model: Uint8Array | string, o: ort.InferenceSession.SessionOptions) => host.create(id, graph.name, model, o),
+        run: (feeds: Record<string, ort.Tensor>) => host.run(id, feeds),
+        release: () => host.release(id),
+      };
       const weightBytes = graph.initializers.reduce((sum, i) => sum + (i.kind === "external" ? i.byteLength : 0), 0);
-      await createPacked(slot, PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes, sessionOptions), bytes, sessionOptions, options.packingProgress);
+      const packed = PackedModel.for(options.packedDir, graph.name, bytes, [...real.values()], weightBytes, sessionOptions);
+      await createPacked(slot, packed, bytes, sessionOptions, probeFeeds(graph), options.packingProgress);
     } else {
       await host.create(id, graph.name, bytes, sessionOptions);
     }
