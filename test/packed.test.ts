@@ -5,7 +5,9 @@ import path from "node:path";
 import onnxProto from "onnx-proto";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2, Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
+import * as ort from "onnxruntime-node";
 import { listPacked, PackedModel, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
+import { probeDifference, sampleOutputs } from "../src/runtime/probe.js";
 import { cli, fixture } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-"));
@@ -294,5 +296,31 @@ describe("packed weights", () => {
       else process.env.BLIP2_CACHE = saved;
       fs.rmSync(home, { recursive: true, force: true });
     }
+  });
+});
+
+describe("the probe of a packed copy", () => {
+  const outputs = (values: number[]) => ({ y: new ort.Tensor("float32", Float32Array.from(values), [values.length]) });
+  /** A record as a copy keeps it: through JSON. */
+  const kept = (values: number[]) => JSON.parse(JSON.stringify(sampleOutputs(outputs(values))));
+
+  it("keeps 64 evenly spaced values of each float output, and those that are not finite by name", () => {
+    const record = kept(Array.from({ length: 1000 }, (_, i) => (i === 15 ? NaN : i === 30 ? -Infinity : i)));
+    expect(record.y.size).toBe(1000);
+    expect(record.y.sample).toHaveLength(64);
+    expect(record.y.sample.slice(0, 4)).toEqual([0, "NaN", "-Infinity", 45]);
+  });
+
+  it("accepts the saving session's values up to 2% of their norm, and tells where others depart", () => {
+    const values = [3, -4, 0, 12];
+    expect(probeDifference(kept(values), sampleOutputs(outputs(values)))).toBeNull();
+    expect(probeDifference(kept(values), sampleOutputs(outputs([3.1, -4, 0, 12.1])))).toBeNull();
+    expect(probeDifference(kept(values), sampleOutputs(outputs([3, -4, 0.5, 12])))).toBe("y: relative error 0.0385");
+    expect(probeDifference(kept(values), sampleOutputs(outputs([3, -4, 0])))).toBe("y: 3 values, expected 4");
+    expect(probeDifference(kept(values), {})).toBe("y: missing, expected 4");
+    // Not finite: the same where the saving session overflowed, a difference anywhere else.
+    expect(probeDifference(kept([NaN, Infinity, 1]), sampleOutputs(outputs([NaN, Infinity, 1])))).toBeNull();
+    expect(probeDifference(kept(values), sampleOutputs(outputs([3, NaN, 0, 12])))).toBe("y: NaN where the saving session gave -4");
+    expect(probeDifference(kept([NaN, 1]), sampleOutputs(outputs([0, 1])))).toBe("y: 0 where the saving session gave NaN");
   });
 });

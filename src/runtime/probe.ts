@@ -18,8 +18,11 @@ const SAMPLES = 64;
  */
 const TOLERANCE = 0.02;
 
-/** Each output's element count and its sampled values. */
-export type ProbeRecord = Record<string, { size: number; sample: number[] }>;
+/**
+ * Each output's element count and its sampled values; those not finite as strings ("NaN",
+ * "Infinity"), which JSON would write as null.
+ */
+export type ProbeRecord = Record<string, { size: number; sample: (number | string)[] }>;
 
 /**
  * One position each: one row, one new position, one cache slot. The attention mask covers the
@@ -51,26 +54,34 @@ export function sampleOutputs(outputs: Record<string, ort.Tensor>): ProbeRecord 
     if (t.type !== "float32") continue;
     const data = t.data as Float32Array;
     const step = Math.max(1, Math.floor(data.length / SAMPLES));
-    const sample: number[] = [];
-    for (let i = 0; i < data.length && sample.length < SAMPLES; i += step) sample.push(data[i]!);
+    const sample: (number | string)[] = [];
+    for (let i = 0; i < data.length && sample.length < SAMPLES; i += step) sample.push(Number.isFinite(data[i]) ? data[i]! : String(data[i]));
     record[name] = { size: data.length, sample };
   }
   return record;
 }
 
-/** Where `got` departs from `expected`, in words; null where they agree. */
+/**
+ * Where `got` departs from `expected`, in words; null where they agree. Values that are not finite
+ * must be the same in both (a model whose probe overflows is still checked on its finite values).
+ */
 export function probeDifference(expected: ProbeRecord, got: ProbeRecord): string | null {
   for (const [name, e] of Object.entries(expected)) {
     const g = got[name];
-    if (!g || g.size !== e.size) return `${name}: ${g ? `${g.size} values` : "missing"}, expected ${e.size}`;
+    if (!g || g.size !== e.size || g.sample.length !== e.sample.length) return `${name}: ${g ? `${g.size} values` : "missing"}, expected ${e.size}`;
     let diff = 0;
     let norm = 0;
-    e.sample.forEach((v, i) => {
-      diff += (g.sample[i]! - v) ** 2;
-      norm += v * v;
-    });
-    // NaN compares false: it is reported too.
-    if (!(Math.sqrt(diff) <= TOLERANCE * Math.sqrt(norm) + 1e-6)) return `${name}: relative error ${(Math.sqrt(diff) / Math.sqrt(norm)).toPrecision(3)}`;
+    for (let i = 0; i < e.sample.length; i++) {
+      const want = Number(e.sample[i]);
+      const have = Number(g.sample[i]);
+      if (!Number.isFinite(want) || !Number.isFinite(have)) {
+        if (!Object.is(want, have)) return `${name}: ${have} where the saving session gave ${want}`;
+        continue;
+      }
+      diff += (have - want) ** 2;
+      norm += want * want;
+    }
+    if (Math.sqrt(diff) > TOLERANCE * Math.sqrt(norm) + 1e-6) return `${name}: relative error ${(Math.sqrt(diff) / Math.sqrt(norm)).toPrecision(3)}`;
   }
   return null;
 }
