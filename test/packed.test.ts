@@ -3,9 +3,9 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import onnxProto from "onnx-proto";
+import * as ort from "onnxruntime-node";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2, Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
-import * as ort from "onnxruntime-node";
 import { listPacked, PackedModel, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
 import { probeDifference, sampleOutputs } from "../src/runtime/probe.js";
 import { cli, fixture } from "./helpers.js";
@@ -28,23 +28,16 @@ async function scores(options: { packedWeights?: boolean; blip2Cache?: string; p
   }
 }
 
-/** The data-file offsets of a saved model's tensors and packed blobs. */
-function externalOffsets(model: string): number[] {
+/** The data-file offsets of a saved model's tensors, and the ranges of its packed blobs. */
+function externalData(model: string): { offsets: number[]; packedBlobs: { offset: number; length: number }[] } {
   const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
-  return (proto.graph?.initializer ?? []).flatMap((i) =>
-    (i.externalData ?? []).flatMap((e) => (e.key === "offset" ? [Number(e.value)] : e.key?.startsWith("prepacked_") ? [Number(/\|(\d+);/.exec(e.value ?? "")![1])] : [])),
-  );
-}
-
-/** The data-file ranges of a saved model's packed blobs. */
-function packedBlobs(model: string): { offset: number; length: number }[] {
-  const proto = onnxProto.onnx.ModelProto.decode(fs.readFileSync(model));
-  return (proto.graph?.initializer ?? []).flatMap((i) =>
-    (i.externalData ?? []).flatMap((e) => {
-      const m = e.key?.startsWith("prepacked_") ? /\|(\d+);(\d+);/.exec(e.value ?? "") : null;
-      return m ? [{ offset: Number(m[1]), length: Number(m[2]) }] : [];
-    }),
-  );
+  const entries = (proto.graph?.initializer ?? []).flatMap((i) => i.externalData ?? []);
+  const packedBlobs = entries.flatMap((e) => {
+    const m = e.key?.startsWith("prepacked_") ? /\|(\d+);(\d+);/.exec(e.value ?? "") : null;
+    return m ? [{ offset: Number(m[1]), length: Number(m[2]) }] : [];
+  });
+  const offsets = entries.flatMap((e) => (e.key === "offset" ? [Number(e.value)] : []));
+  return { offsets: [...offsets, ...packedBlobs.map((b) => b.offset)], packedBlobs };
 }
 
 /**
@@ -74,7 +67,7 @@ describe("packed weights", () => {
     for (const files of Object.values(saved)) expect(files.map((f) => f.split("@")[0])).toEqual(["entry.json", "model.data", "model.onnx"]);
     // Every tensor and packed blob starts on a page (ONNX Runtime restores MatMulNBits' blobs wrongly otherwise).
     for (const dir of Object.keys(saved)) {
-      const offsets = externalOffsets(path.join(root, dir, "model.onnx"));
+      const { offsets } = externalData(path.join(root, dir, "model.onnx"));
       expect(offsets.length).toBeGreaterThan(0);
       expect(offsets.filter((o) => o % 4096 !== 0)).toEqual([]);
     }
@@ -136,7 +129,7 @@ describe("packed weights", () => {
     for (const d of dirs) {
       const data = path.join(root, d, "model.data");
       const bytes = fs.readFileSync(data);
-      for (const { offset, length } of packedBlobs(path.join(root, d, "model.onnx"))) bytes.subarray(offset, offset + length).reverse();
+      for (const { offset, length } of externalData(path.join(root, d, "model.onnx")).packedBlobs) bytes.subarray(offset, offset + length).reverse();
       fs.writeFileSync(data, bytes);
     }
     const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
