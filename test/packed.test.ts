@@ -209,6 +209,40 @@ describe("packed weights", () => {
     }
   });
 
+  it("tell once, after a save, where blip2 cache --prune would free a gigabyte or more, and say so when a disk is short", async () => {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-prunable-"));
+    fs.cpSync(path.join(cache, "weights"), path.join(home, "weights"), { recursive: true });
+    // What earlier versions of blip2 leave (sparse files: their size, no disk): a packed copy in
+    // another format, and a conversion in an older weight format.
+    const older = path.join(packedRoot(home), "f".repeat(32));
+    const oldFormat = path.join(listWeightCaches(home)[0]!.dir, "..", "blip2-weights-1");
+    for (const [dir, file] of [[older, "model.data"], [oldFormat, "language-q8.safetensors"]] as const) {
+      fs.mkdirSync(dir, { recursive: true });
+      fs.writeFileSync(path.join(dir, file), "");
+      fs.truncateSync(path.join(dir, file), 0.6e9);
+    }
+    fs.writeFileSync(path.join(older, "entry.json"), JSON.stringify({ format: "blip2-packed/2", graph: "image", weights: [] }));
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    const told = (what: string) => warn.mock.calls.flat().map(String).filter((m) => m.includes(what));
+    try {
+      const statfs = vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 1000, bsize: 4096 } as fs.StatsFs);
+      expect(await scores({ blip2Cache: home })).toEqual(inMemory);
+      statfs.mockRestore();
+      expect(told("cannot keep")[0]).toMatch(/cannot keep packed weights in .* \(0\.0 GB free on its disk, 1\.\d GB wanted; `blip2 cache --prune` would free 1\.2 GB\)/);
+      // Two graphs are saved; the first save tells, once.
+      expect(await scores({ blip2Cache: home })).toEqual(inMemory);
+      expect(told(" holds ")).toEqual([`blip2: warning: ${home} holds 1.2 GB of converted and packed weights that this version of blip2 will not open again on this machine; \`blip2 cache --prune\` removes them`]);
+      // Opening the copies saves nothing, and tells nothing more.
+      expect(await scores({ blip2Cache: home })).toEqual(inMemory);
+      expect(told(" holds ").length).toBe(1);
+      const pruned = await cli("cache", "--prune", "--cache-dir", home);
+      expect(pruned.stdout).toContain("freed 1.2 GB");
+    } finally {
+      warn.mockRestore();
+      fs.rmSync(home, { recursive: true, force: true });
+    }
+  });
+
   it("are marked when opened, and an older copy of the same graph's weights counts as superseded", async () => {
     // Later than any save before (a file's time may trail the clock by a few milliseconds).
     await new Promise((resolve) => setTimeout(resolve, 200));

@@ -8,7 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
-import { partialFileWriter, partialWriterAlive, removeAbandonedFiles } from "../io/partialFile.js";
+import { partialFileWriter, partialWriterAlive } from "../io/partialFile.js";
 import { WEIGHTS_FORMAT } from "./dtype.js";
 
 /** A format as a folder name: "blip2-weights/2" is kept in "blip2-weights-2". */
@@ -90,16 +90,23 @@ export interface RemovedFiles {
 }
 
 /**
- * Removes what no version of blip2 from this one on reads: folders of older weight formats (unless
- * an older version is still writing into one) and the partial files of conversions whose process
- * is gone. Current and newer formats stay.
+ * What no version of blip2 from this one on reads: folders of older weight formats (unless an older
+ * version is still writing into one) and the partial files of conversions whose process is gone.
+ * Current and newer formats stay.
  */
-export function pruneWeightCaches(cacheDir?: string): RemovedFiles {
-  const removed: RemovedFiles = { paths: [], bytes: 0 };
+export function prunableWeightCaches(cacheDir?: string): RemovedFiles {
+  const prunable: RemovedFiles = { paths: [], bytes: 0 };
   for (const entry of listWeightCaches(cacheDir)) {
-    if (entry.age === "older" && !entry.files.some((f) => livePartialFile(f.name))) removeEntry(entry, removed);
-    else for (const f of removeAbandonedFiles(entry.dir)) add(removed, f.path, f.bytes);
+    if (entry.age === "older" && !entry.files.some((f) => livePartialFile(f.name))) add(prunable, entry.dir, entry.bytes);
+    else for (const f of entry.files.filter((f) => partialWriterAlive(f.name) === false)) add(prunable, path.join(entry.dir, f.name), f.bytes);
   }
+  return prunable;
+}
+
+/** Removes what `prunableWeightCaches` lists. */
+export function pruneWeightCaches(cacheDir?: string): RemovedFiles {
+  const removed = prunableWeightCaches(cacheDir);
+  for (const p of removed.paths) fs.rmSync(p, { recursive: true, force: true });
   removeEmptyFingerprints(cacheDir);
   return removed;
 }

@@ -23,6 +23,7 @@ import type * as ort from "onnxruntime-node";
 import { env } from "onnxruntime-node";
 import { describeError } from "../errors.js";
 import { bytesOf, partialFile, partialWriterAlive, removeAbandonedFiles } from "../io/partialFile.js";
+import { prunableWeightCaches } from "../quantize/weightCache.js";
 import { warnOnce } from "../warn.js";
 import { alignPacked } from "./alignPacked.js";
 import { probeDifference, sampleOutputs, type ProbeRecord } from "./probe.js";
@@ -202,6 +203,7 @@ let nextFolder = 0;
  */
 export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, probe: Record<string, ort.Tensor>, progress?: (p: PackingProgress) => void): Promise<void> {
   let record = packed.record();
+  const saving = !record;
   if (!record) {
     progress?.({ graph: packed.graph, done: false });
     const saved = await save(slot, packed, bytes, options, probe);
@@ -214,6 +216,7 @@ export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes
     const differs = probeDifference(record.probe, sampleOutputs(await slot.run(probe)));
     if (differs) throw new Error(`they compute other numbers than packing in memory did: ${differs}`);
     packed.markOpened();
+    if (saving) noticePrunable(cacheDirOf(packed));
   } catch (err) {
     warnOnce(`${packed.dir}: cannot use the packed weights kept there (${describeError(err).slice(0, 200)}); removed, packing them again`);
     await slot.release();
@@ -231,7 +234,9 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
     // The codes and their packed copy, twice while the copy is page-aligned, and a gigabyte to spare.
     const need = 4 * packed.weightBytes + GB;
     if (free.bavail * free.bsize < need) {
-      throw new Error(`${((free.bavail * free.bsize) / GB).toFixed(1)} GB free on its disk, ${(need / GB).toFixed(1)} GB wanted`);
+      const prunable = prunableBytes(cacheDirOf(packed));
+      const hint = prunable > 0 ? `; \`blip2 cache --prune\` would free ${(prunable / GB).toFixed(1)} GB` : "";
+      throw new Error(`${((free.bavail * free.bsize) / GB).toFixed(1)} GB free on its disk, ${(need / GB).toFixed(1)} GB wanted${hint}`);
     }
     // A copy: the bytes are handed over to a worker thread, and needed again if saving fails (a
     // Node Buffer's slice() would share them).
@@ -248,6 +253,25 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
   } finally {
     if (fs.existsSync(folder)) fs.rmSync(folder, { recursive: true, force: true });
   }
+}
+
+/** The blip2 cache a packed copy is kept in (`<cache>/packed/<key>`). */
+const cacheDirOf = (packed: PackedModel) => path.dirname(path.dirname(packed.dir));
+
+/** The caches whose prunable bytes have been told of (once per process). */
+const noticed = new Set<string>();
+
+/**
+ * After a save, tells once where `blip2 cache --prune` would free a gigabyte or more: a save is what
+ * makes older copies superseded (a new blip2 builds a graph differently, a weight file changed), and
+ * each is as large as the model's converted weights again, so they fill a disk unnoticed otherwise.
+ */
+function noticePrunable(cacheDir: string): void {
+  if (noticed.has(cacheDir)) return;
+  const bytes = prunableBytes(cacheDir);
+  if (bytes < GB) return;
+  noticed.add(cacheDir);
+  warnOnce(`${cacheDir} holds ${(bytes / GB).toFixed(1)} GB of converted and packed weights that this version of blip2 will not open again on this machine; \`blip2 cache --prune\` removes them`);
 }
 
 function readRecord(dir: string): PackedRecord | null {
@@ -315,6 +339,11 @@ function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: strin
     if (s.size !== w.bytes || s.mtimeMs !== w.mtimeMs) return `${w.file} has changed`;
   }
   return undefined;
+}
+
+/** The bytes `blip2 cache --prune` would free: stale packed copies and older conversions (see prunableWeightCaches). */
+export function prunableBytes(cacheDir: string): number {
+  return listPacked(cacheDir).reduce((sum, e) => sum + (e.stale ? e.bytes : 0), 0) + prunableWeightCaches(cacheDir).bytes;
 }
 
 /** Removes the packed copies this machine will never open again. */
