@@ -243,6 +243,27 @@ describe("packed weights", () => {
     }
   });
 
+  it("are kept when the cache cannot be listed for the notice (another process removing what was listed)", async () => {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-unlisted-"));
+    fs.cpSync(path.join(cache, "weights"), path.join(home, "weights"), { recursive: true });
+    const readdir = fs.readdirSync;
+    const failing = vi.spyOn(fs, "readdirSync").mockImplementation(((dir: fs.PathLike, ...rest: unknown[]) => {
+      if (String(dir) === path.join(home, "weights")) throw Object.assign(new Error(`ENOENT: no such file or directory, scandir '${String(dir)}'`), { code: "ENOENT" });
+      return (readdir as (...a: unknown[]) => unknown)(dir, ...rest);
+    }) as typeof fs.readdirSync);
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    try {
+      expect(await scores({ blip2Cache: home })).toEqual(inMemory);
+      failing.mockRestore();
+      expect(warn.mock.calls).toEqual([]);
+      expect(listPacked(home).filter((e) => !e.stale).length).toBeGreaterThanOrEqual(2);
+    } finally {
+      failing.mockRestore();
+      warn.mockRestore();
+      fs.rmSync(home, { recursive: true, force: true });
+    }
+  });
+
   it("are marked when opened, and an older copy of the same graph's weights counts as superseded", async () => {
     // Later than any save before (a file's time may trail the clock by a few milliseconds).
     await new Promise((resolve) => setTimeout(resolve, 200));

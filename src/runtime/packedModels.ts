@@ -216,13 +216,13 @@ export async function createPacked(slot: SessionSlot, packed: PackedModel, bytes
     const differs = probeDifference(record.probe, sampleOutputs(await slot.run(probe)));
     if (differs) throw new Error(`they compute other numbers than packing in memory did: ${differs}`);
     packed.markOpened();
-    if (saving) noticePrunable(cacheDirOf(packed));
   } catch (err) {
     warnOnce(`${packed.dir}: cannot use the packed weights kept there (${describeError(err).slice(0, 200)}); removed, packing them again`);
     await slot.release();
     packed.remove();
-    await slot.create(bytes, options);
+    return slot.create(bytes, options);
   }
+  if (saving) noticePrunable(cacheDirOf(packed));
 }
 
 async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, probe: Record<string, ort.Tensor>): Promise<boolean> {
@@ -234,7 +234,7 @@ async function save(slot: SessionSlot, packed: PackedModel, bytes: Uint8Array, o
     // The codes and their packed copy, twice while the copy is page-aligned, and a gigabyte to spare.
     const need = 4 * packed.weightBytes + GB;
     if (free.bavail * free.bsize < need) {
-      const prunable = prunableBytes(cacheDirOf(packed));
+      const prunable = prunableBytesNow(cacheDirOf(packed));
       const hint = prunable > 0 ? `; \`blip2 cache --prune\` would free ${(prunable / GB).toFixed(1)} GB` : "";
       throw new Error(`${((free.bavail * free.bsize) / GB).toFixed(1)} GB free on its disk, ${(need / GB).toFixed(1)} GB wanted${hint}`);
     }
@@ -268,10 +268,19 @@ const noticed = new Set<string>();
  */
 function noticePrunable(cacheDir: string): void {
   if (noticed.has(cacheDir)) return;
-  const bytes = prunableBytes(cacheDir);
+  const bytes = prunableBytesNow(cacheDir);
   if (bytes < GB) return;
   noticed.add(cacheDir);
   warnOnce(`${cacheDir} holds ${(bytes / GB).toFixed(1)} GB of converted and packed weights that this version of blip2 will not open again on this machine; \`blip2 cache --prune\` removes them`);
+}
+
+/** prunableBytes, or 0 while another process changes the cache under the listing (a notice never fails a load). */
+function prunableBytesNow(cacheDir: string): number {
+  try {
+    return prunableBytes(cacheDir);
+  } catch {
+    return 0;
+  }
 }
 
 function readRecord(dir: string): PackedRecord | null {
