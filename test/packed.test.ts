@@ -264,6 +264,26 @@ describe("packed weights", () => {
     }
   });
 
+  it("are listed while other processes change them: a folder gone meanwhile is left out, one without a whole record is incomplete", () => {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-listing-"));
+    const [gone, partial, odd] = ["a", "b", "c"].map((c) => path.join(packedRoot(home), c.repeat(32)));
+    for (const dir of [gone!, partial!, odd!]) fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(partial!, "model.data"), "x".repeat(10));
+    fs.writeFileSync(path.join(odd!, "entry.json"), "{}");
+    const stat = fs.statSync;
+    const racing = vi.spyOn(fs, "statSync").mockImplementation(((p: fs.PathLike, ...rest: unknown[]) => {
+      if (String(p) === gone) throw Object.assign(new Error(`ENOENT: no such file or directory, stat '${String(p)}'`), { code: "ENOENT" });
+      return (stat as (...a: unknown[]) => unknown)(p, ...rest);
+    }) as typeof fs.statSync);
+    try {
+      const listed = listPacked(home);
+      expect(listed.map((e) => [e.dir, e.bytes, e.stale])).toEqual([[partial, 10, "incomplete"], [odd, 2, "incomplete"]]);
+    } finally {
+      racing.mockRestore();
+      fs.rmSync(home, { recursive: true, force: true });
+    }
+  });
+
   it("are marked when opened, and an older copy of the same graph's weights counts as superseded", async () => {
     // Later than any save before (a file's time may trail the clock by a few milliseconds).
     await new Promise((resolve) => setTimeout(resolve, 200));

@@ -306,18 +306,27 @@ export function listPacked(cacheDir: string): PackedEntry[] {
   const root = packedRoot(cacheDir);
   if (!fs.existsSync(root)) return [];
   const here = { onnxruntime: env.versions.common, cpu: cpuIdentity() };
-  const entries = fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d): PackedEntry & { opened?: number } => {
-    const dir = path.join(root, d.name);
-    const bytes = bytesOf(dir);
-    const writing = partialWriterAlive(d.name);
-    if (writing !== null) return { dir, bytes, stale: writing ? undefined : "left by a process that was killed while saving it" };
-    const record = readRecord(dir);
-    if (!record) return { dir, bytes, stale: "incomplete" };
-    const opened = fs.statSync(path.join(dir, RECORD), { throwIfNoEntry: false })?.mtimeMs;
-    return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here), opened };
+  const entries = fs.readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).flatMap((d) => {
+    try {
+      return [packedEntry(path.join(root, d.name), here)];
+    } catch (err) {
+      // Moved into place or removed by another process while listed.
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+      throw err;
+    }
   });
   markSuperseded(entries);
   return entries.map(({ opened: _, ...e }) => e);
+}
+
+function packedEntry(dir: string, here: { onnxruntime: string; cpu: string }): PackedEntry & { opened?: number } {
+  const bytes = bytesOf(dir);
+  const writing = partialWriterAlive(path.basename(dir));
+  if (writing !== null) return { dir, bytes, stale: writing ? undefined : "left by a process that was killed while saving it" };
+  const record = readRecord(dir);
+  if (!Array.isArray(record?.weights)) return { dir, bytes, stale: "incomplete" };
+  const opened = fs.statSync(path.join(dir, RECORD), { throwIfNoEntry: false })?.mtimeMs;
+  return { dir, bytes, graph: record.graph, weights: record.weights.map((w) => w.file), stale: staleness(record, here), opened };
 }
 
 /**
