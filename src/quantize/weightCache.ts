@@ -52,7 +52,11 @@ export function listWeightCaches(cacheDir?: string): WeightCacheEntry[] {
       const version = FORMAT_FOLDER.exec(name)?.[1];
       if (version === undefined) continue;
       const dir = path.join(root, fingerprint, name);
-      const files = fs.readdirSync(dir).filter((f) => f !== SOURCE_FILE).sort().map((f) => ({ name: f, bytes: fs.statSync(path.join(dir, f)).size }));
+      // A file renamed into place or removed by another process while listed is left out.
+      const files = fs.readdirSync(dir).filter((f) => f !== SOURCE_FILE).sort().flatMap((f) => {
+        const stat = fs.statSync(path.join(dir, f), { throwIfNoEntry: false });
+        return stat ? [{ name: f, bytes: stat.size }] : [];
+      });
       const v = Number(version);
       entries.push({
         dir, fingerprint, format: `blip2-weights/${v}`,
