@@ -360,7 +360,7 @@ function staleness(record: PackedRecord, here: { onnxruntime: string; cpu: strin
 }
 
 /** The bytes `blip2 cache --prune` would free: stale packed copies and older conversions (see prunableWeightCaches). */
-export function prunableBytes(cacheDir: string): number {
+function prunableBytes(cacheDir: string): number {
   return listPacked(cacheDir).reduce((sum, e) => sum + (e.stale ? e.bytes : 0), 0) + prunableWeightCaches(cacheDir).bytes;
 }
 
