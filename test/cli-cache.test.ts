@@ -2,10 +2,10 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Blip2, listWeightCaches } from "../src/index.js";
 import { Checkpoint } from "../src/io/checkpoint.js";
-import { cli, fixture } from "./helpers.js";
+import { cli, fixture, vanishing } from "./helpers.js";
 
 const root = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-cachecmd-"));
 const weights = path.join(root, "weights");
@@ -47,14 +47,7 @@ describe("blip2 cache", () => {
   it("lists a conversion whose partial file is renamed into place meanwhile without it, not failing", () => {
     const moved = path.join(current, `language-q4.safetensors.tmp-${process.pid}`);
     put(moved, 10);
-    const stat = fs.statSync;
-    const racing = vi.spyOn(fs, "statSync").mockImplementation(((p: fs.PathLike, options?: fs.StatSyncOptions) => {
-      if (String(p) === moved) {
-        if (options?.throwIfNoEntry === false) return undefined;
-        throw Object.assign(new Error(`ENOENT: no such file or directory, stat '${moved}'`), { code: "ENOENT" });
-      }
-      return stat(p, options);
-    }) as typeof fs.statSync);
+    const racing = vanishing("statSync", moved);
     try {
       const entry = listWeightCaches(root).find((e) => e.dir === current)!;
       expect(entry.files.map((f) => f.name)).toEqual(["language-q8.safetensors", "qformer-q8.safetensors", "vision-q8.safetensors"]);

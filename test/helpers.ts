@@ -4,7 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import { PassThrough } from "node:stream";
 import { fileURLToPath } from "node:url";
-import { expect } from "vitest";
+import { expect, vi } from "vitest";
 import { readSafetensorsHeader, readTensorF32, readTensorInts, type TensorInfo } from "../src/io/safetensors.js";
 
 export const FIXTURES = path.join(path.dirname(fileURLToPath(import.meta.url)), "fixtures");
@@ -97,4 +97,18 @@ export function editSafetensorsHeader(file: string, edit: (header: Record<string
   const length = Buffer.alloc(8);
   length.writeBigUInt64LE(BigInt(json.length));
   fs.writeFileSync(file, Buffer.concat([length, json, bytes.subarray(8 + n)]));
+}
+
+/**
+ * Makes `fs.statSync` or `fs.readdirSync` see `target` as another process leaves it when it moves or
+ * removes it meanwhile: ENOENT (or undefined, where asked with `throwIfNoEntry: false`). Every other
+ * path is read as usual. `mockRestore()` ends it.
+ */
+export function vanishing(method: "statSync" | "readdirSync", target: string) {
+  const original = fs[method] as (p: fs.PathLike, options?: unknown) => unknown;
+  return vi.spyOn(fs, method).mockImplementation(((p: fs.PathLike, options?: { throwIfNoEntry?: boolean }) => {
+    if (String(p) !== target) return original(p, options);
+    if (options?.throwIfNoEntry === false) return undefined;
+    throw Object.assign(new Error(`ENOENT: no such file or directory, ${method === "statSync" ? "stat" : "scandir"} '${target}'`), { code: "ENOENT" });
+  }) as never);
 }

@@ -4,11 +4,11 @@ import os from "node:os";
 import path from "node:path";
 import onnxProto from "onnx-proto";
 import * as ort from "onnxruntime-node";
-import { afterAll, describe, expect, it, vi } from "vitest";
+import { afterAll, describe, expect, it, vi, type MockInstance } from "vitest";
 import { Blip2, Blip2ForImageTextRetrieval, listWeightCaches } from "../src/index.js";
 import { listPacked, PackedModel, packedRoot, pruneStalePacked } from "../src/runtime/packedModels.js";
 import { probeDifference, sampleOutputs } from "../src/runtime/probe.js";
-import { cli, fixture } from "./helpers.js";
+import { cli, fixture, vanishing } from "./helpers.js";
 
 const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-"));
 afterAll(() => fs.rmSync(cache, { recursive: true, force: true }));
@@ -46,6 +46,21 @@ function externalData(model: string): { offsets: number[]; packedBlobs: { offset
  */
 const snapshot = (root: string) =>
   Object.fromEntries(fs.readdirSync(root).map((d) => [d, fs.readdirSync(path.join(root, d)).sort().map((f) => (f === "entry.json" ? f : `${f}@${fs.statSync(path.join(root, d, f)).mtimeMs}`))]));
+
+/**
+ * Runs `body` on a new blip2 cache holding the shared cache's converted weights but no packed
+ * copies, with console.warn captured; afterwards every spy is restored and the cache removed.
+ */
+async function withNewCache(prefix: string, body: (home: string, warn: MockInstance<typeof console.warn>) => Promise<void>): Promise<void> {
+  const home = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  fs.cpSync(path.join(cache, "weights"), path.join(home, "weights"), { recursive: true });
+  try {
+    await body(home, vi.spyOn(console, "warn").mockImplementation(() => {}));
+  } finally {
+    vi.restoreAllMocks();
+    fs.rmSync(home, { recursive: true, force: true });
+  }
+}
 
 describe("packed weights", () => {
   const root = packedRoot(cache);
@@ -178,53 +193,35 @@ describe("packed weights", () => {
     }
   });
 
-  it("where they cannot be saved, loading warns and packs in memory", async () => {
-    const blocked = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-blocked-"));
-    fs.writeFileSync(packedRoot(blocked), "a file where the folder would go");
-    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
-    try {
-      // The converted weights come from the shared cache; only the packed ones cannot be kept.
-      fs.cpSync(path.join(cache, "weights"), path.join(blocked, "weights"), { recursive: true });
+  it("where they cannot be saved, loading warns and packs in memory", () =>
+    // The converted weights come from the shared cache; only the packed ones cannot be kept.
+    withNewCache("blip2-packed-blocked-", async (blocked, warn) => {
+      fs.writeFileSync(packedRoot(blocked), "a file where the folder would go");
       expect(await scores({ blip2Cache: blocked })).toEqual(inMemory);
       expect(warn.mock.calls.flat().join("\n")).toContain(`cannot keep packed weights in ${packedRoot(blocked)}`);
-    } finally {
-      warn.mockRestore();
-      fs.rmSync(blocked, { recursive: true, force: true });
-    }
-  });
+    }));
 
-  it("are not saved onto a disk without room for them", async () => {
-    const small = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-small-"));
-    fs.cpSync(path.join(cache, "weights"), path.join(small, "weights"), { recursive: true });
-    const statfs = vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 1000, bsize: 4096 } as fs.StatsFs);
-    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
-    try {
+  it("are not saved onto a disk without room for them", () =>
+    withNewCache("blip2-packed-small-", async (small, warn) => {
+      vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 1000, bsize: 4096 } as fs.StatsFs);
       expect(await scores({ blip2Cache: small })).toEqual(inMemory);
       expect(warn.mock.calls.flat().join("\n")).toMatch(/cannot keep packed weights in .* \(0\.0 GB free on its disk, 1\.\d GB wanted\)/);
       expect(fs.readdirSync(packedRoot(small))).toEqual([]);
-    } finally {
-      statfs.mockRestore();
-      warn.mockRestore();
-      fs.rmSync(small, { recursive: true, force: true });
-    }
-  });
+    }));
 
-  it("tell once, after a save, where blip2 cache --prune would free a gigabyte or more, and say so when a disk is short", async () => {
-    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-prunable-"));
-    fs.cpSync(path.join(cache, "weights"), path.join(home, "weights"), { recursive: true });
-    // What earlier versions of blip2 leave (sparse files: their size, no disk): a packed copy in
-    // another format, and a conversion in an older weight format.
-    const older = path.join(packedRoot(home), "f".repeat(32));
-    const oldFormat = path.join(listWeightCaches(home)[0]!.dir, "..", "blip2-weights-1");
-    for (const [dir, file] of [[older, "model.data"], [oldFormat, "language-q8.safetensors"]] as const) {
-      fs.mkdirSync(dir, { recursive: true });
-      fs.writeFileSync(path.join(dir, file), "");
-      fs.truncateSync(path.join(dir, file), 0.6e9);
-    }
-    fs.writeFileSync(path.join(older, "entry.json"), JSON.stringify({ format: "blip2-packed/2", graph: "image", weights: [] }));
-    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
-    const told = (what: string) => warn.mock.calls.flat().map(String).filter((m) => m.includes(what));
-    try {
+  it("tell once, after a save, where blip2 cache --prune would free a gigabyte or more, and say so when a disk is short", () =>
+    withNewCache("blip2-packed-prunable-", async (home, warn) => {
+      // What earlier versions of blip2 leave (sparse files: their size, no disk): a packed copy in
+      // another format, and a conversion in an older weight format.
+      const older = path.join(packedRoot(home), "f".repeat(32));
+      const oldFormat = path.join(listWeightCaches(home)[0]!.dir, "..", "blip2-weights-1");
+      for (const [dir, file] of [[older, "model.data"], [oldFormat, "language-q8.safetensors"]] as const) {
+        fs.mkdirSync(dir, { recursive: true });
+        fs.writeFileSync(path.join(dir, file), "");
+        fs.truncateSync(path.join(dir, file), 0.6e9);
+      }
+      fs.writeFileSync(path.join(older, "entry.json"), JSON.stringify({ format: "blip2-packed/2", graph: "image", weights: [] }));
+      const told = (what: string) => warn.mock.calls.flat().map(String).filter((m) => m.includes(what));
       const statfs = vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 1000, bsize: 4096 } as fs.StatsFs);
       expect(await scores({ blip2Cache: home })).toEqual(inMemory);
       statfs.mockRestore();
@@ -237,32 +234,16 @@ describe("packed weights", () => {
       expect(told(" holds ").length).toBe(1);
       const pruned = await cli("cache", "--prune", "--cache-dir", home);
       expect(pruned.stdout).toContain("freed 1.2 GB");
-    } finally {
-      warn.mockRestore();
-      fs.rmSync(home, { recursive: true, force: true });
-    }
-  });
+    }));
 
-  it("are kept when the cache cannot be listed for the notice (another process removing what was listed)", async () => {
-    const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-unlisted-"));
-    fs.cpSync(path.join(cache, "weights"), path.join(home, "weights"), { recursive: true });
-    const readdir = fs.readdirSync;
-    const failing = vi.spyOn(fs, "readdirSync").mockImplementation(((dir: fs.PathLike, ...rest: unknown[]) => {
-      if (String(dir) === path.join(home, "weights")) throw Object.assign(new Error(`ENOENT: no such file or directory, scandir '${String(dir)}'`), { code: "ENOENT" });
-      return (readdir as (...a: unknown[]) => unknown)(dir, ...rest);
-    }) as typeof fs.readdirSync);
-    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
-    try {
+  it("are kept when the cache cannot be listed for the notice (another process removing what was listed)", () =>
+    withNewCache("blip2-packed-unlisted-", async (home, warn) => {
+      const failing = vanishing("readdirSync", path.join(home, "weights"));
       expect(await scores({ blip2Cache: home })).toEqual(inMemory);
       failing.mockRestore();
       expect(warn.mock.calls).toEqual([]);
       expect(listPacked(home).filter((e) => !e.stale).length).toBeGreaterThanOrEqual(2);
-    } finally {
-      failing.mockRestore();
-      warn.mockRestore();
-      fs.rmSync(home, { recursive: true, force: true });
-    }
-  });
+    }));
 
   it("are listed while other processes change them: a folder gone meanwhile is left out, one without a whole record is incomplete", () => {
     const home = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-packed-listing-"));
@@ -270,11 +251,7 @@ describe("packed weights", () => {
     for (const dir of [gone!, partial!, odd!]) fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(path.join(partial!, "model.data"), "x".repeat(10));
     fs.writeFileSync(path.join(odd!, "entry.json"), "{}");
-    const stat = fs.statSync;
-    const racing = vi.spyOn(fs, "statSync").mockImplementation(((p: fs.PathLike, ...rest: unknown[]) => {
-      if (String(p) === gone) throw Object.assign(new Error(`ENOENT: no such file or directory, stat '${String(p)}'`), { code: "ENOENT" });
-      return (stat as (...a: unknown[]) => unknown)(p, ...rest);
-    }) as typeof fs.statSync);
+    const racing = vanishing("statSync", gone!);
     try {
       const listed = listPacked(home);
       expect(listed.map((e) => [e.dir, e.bytes, e.stale])).toEqual([[partial, 10, "incomplete"], [odd, 2, "incomplete"]]);
