@@ -22,6 +22,9 @@ export function partialWriterAlive(name: string): boolean | null {
   }
 }
 
+/** A partial file or folder whose writer was killed (its process is gone). */
+export const abandonedPartial = (name: string) => partialWriterAlive(name) === false;
+
 /** Bytes of a file, or of everything in a folder. */
 export function bytesOf(p: string): number {
   const s = fs.statSync(p);
@@ -34,7 +37,7 @@ export function bytesOf(p: string): number {
  * another process stay.
  */
 export function removeAbandonedFiles(folder: string): { path: string; bytes: number }[] {
-  const gone = fs.readdirSync(folder).filter((f) => partialWriterAlive(f) === false).map((f) => path.join(folder, f));
+  const gone = fs.readdirSync(folder).filter(abandonedPartial).map((f) => path.join(folder, f));
   return gone.map((p) => {
     const bytes = bytesOf(p);
     fs.rmSync(p, { recursive: true, force: true });

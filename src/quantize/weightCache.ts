@@ -8,7 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
-import { partialFileWriter, partialWriterAlive } from "../io/partialFile.js";
+import { abandonedPartial, partialFileWriter, partialWriterAlive } from "../io/partialFile.js";
 import { WEIGHTS_FORMAT } from "./dtype.js";
 
 /** A format as a folder name: "blip2-weights/2" is kept in "blip2-weights-2". */
@@ -102,7 +102,7 @@ export function prunableWeightCaches(cacheDir?: string): RemovedFiles {
   const prunable: RemovedFiles = { paths: [], bytes: 0 };
   for (const entry of listWeightCaches(cacheDir)) {
     if (entry.age === "older" && !entry.files.some((f) => livePartialFile(f.name))) add(prunable, entry.dir, entry.bytes);
-    else for (const f of entry.files.filter((f) => partialWriterAlive(f.name) === false)) add(prunable, path.join(entry.dir, f.name), f.bytes);
+    else for (const f of entry.files.filter((f) => abandonedPartial(f.name))) add(prunable, path.join(entry.dir, f.name), f.bytes);
   }
   return prunable;
 }
