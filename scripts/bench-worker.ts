@@ -6,7 +6,7 @@ import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { Blip2 } from "../src/api/tasks.js";
 import { linearWeights, tensorsInUse, variantNames } from "../src/quantize/quantize.js";
-import { readOncePerPrompt, weightDType } from "../src/quantize/dtype.js";
+import { readOncePerPrompt, weightDType } from "../src/io/weightFormat.js";
 import { usableDevice, type Device } from "../src/runtime/session.js";
 
 const { values } = parseArgs({ options: { dir: { type: "string" }, dtype: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, reference: { type: "string" }, "load-only": { type: "boolean" }, device: { type: "string" }, "no-packed-cache": { type: "boolean" } } });

@@ -12,7 +12,8 @@ import { floatToHalf } from "../src/io/safetensors.js";
 import { dequantizeMatrix, quantizeMatrix } from "../src/quantize/blockQuant.js";
 import { dequantizeChannels, quantizeChannels } from "../src/quantize/channelQuant.js";
 import { linearInt8 } from "../src/models/layers.js";
-import { parseDTypeSpec, resolveDTypes, weightDType } from "../src/quantize/dtype.js";
+import { weightDType } from "../src/io/weightFormat.js";
+import { parseDTypeSpec, resolveDTypes } from "../src/quantize/dtype.js";
 import { gatherRows } from "../src/runtime/kvCache.js";
 import { cli, fixture, loadReference } from "./helpers.js";
 

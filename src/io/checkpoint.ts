@@ -8,7 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseBlip2Config, type Blip2Config } from "../config.js";
 import { Blip2Error } from "../errors.js";
-import { partOf, WEIGHT_DTYPES, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "../quantize/dtype.js";
+import { partOf, WEIGHT_DTYPES, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "./weightFormat.js";
 import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
 
 export class Checkpoint {
@@ -16,7 +16,7 @@ export class Checkpoint {
     readonly dir: string,
     readonly config: Blip2Config,
     private readonly tensors: Map<string, TensorInfo>,
-    /** The precision each part's linear weights are used in (see quantize/). */
+    /** The precision each part's linear weights are used in (io/weightFormat.ts; quantize/ converts them). */
     readonly dtypes: PartDTypes = { vision: "fp32", qformer: "fp32", language: "fp32" },
     /** Written by `blip2 quantize --out`: its linear weights exist only in `dtypes`. */
     readonly converted = false,

@@ -9,7 +9,7 @@ import { Blip2Error } from "../errors.js";
 import { CONVERTED_FILE, type Checkpoint } from "../io/checkpoint.js";
 import { readTensorBytes, writeSafetensorsStreamed, type StreamedTensor } from "../io/safetensors.js";
 import { MODEL_FILES } from "../hub/download.js";
-import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "./dtype.js";
+import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type PartDTypes, type WeightDType } from "../io/weightFormat.js";
 import { linearWeights, variantTensors, withQuantizePool } from "./quantize.js";
 
 export async function writeConvertedFolder(ckpt: Checkpoint, dtypes: PartDTypes, out: string, progress?: (done: number, total: number) => void): Promise<void> {

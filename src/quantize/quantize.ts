@@ -16,7 +16,7 @@ import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
 import { removeAbandonedFiles } from "../io/partialFile.js";
 import { blip2CacheDir, formatFolder, recordSource, weightCacheRoot } from "./weightCache.js";
-import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "./dtype.js";
+import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "../io/weightFormat.js";
 
 /**
  * Values per 4-bit block along K: 256, MatMulNBits's largest, where the row length allows (a power

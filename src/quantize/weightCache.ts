@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
 import { abandonedPartial, partialFileWriter, partialWriterAlive } from "../io/partialFile.js";
-import { WEIGHTS_FORMAT } from "./dtype.js";
+import { WEIGHTS_FORMAT } from "../io/weightFormat.js";
 
 /** A format as a folder name: "blip2-weights/2" is kept in "blip2-weights-2". */
 export const formatFolder = (format: string) => format.replace("/", "-");
