@@ -92,6 +92,13 @@ export class Graph {
   private weightCache = new Map<string, Value>();
   /** The checkpoint tensor each weight value stands for (casts included). */
   readonly weightNames = new Map<Value, string>();
+  /**
+   * In a training graph, the checkpoint tensors that are trained: each becomes a float32 graph input
+   * of its own name (the trainer holds its values) instead of a weight read from the file.
+   */
+  trainable: ((name: string) => boolean) | null = null;
+  /** The trained tensors' inputs, by checkpoint name, in the order the graph first used them. */
+  readonly trained = new Map<string, Value>();
 
   constructor(
     readonly name: string,
@@ -128,6 +135,13 @@ export class Graph {
   weight(info: TensorInfo, castTo: DType | null = "float32"): Value {
     const cached = this.weightCache.get(info.name);
     if (cached) return cached;
+    if (this.trainable?.(info.name)) {
+      const v = this.input(info.name, "float32", info.shape);
+      this.weightCache.set(info.name, v);
+      this.weightNames.set(v, info.name);
+      this.trained.set(info.name, v);
+      return v;
+    }
     const dtype = SAFE_TO_IR[info.dtype];
     if (!dtype) throw new Blip2Error(`${info.file}: tensor ${info.name} has dtype ${info.dtype}, which the graph cannot use`);
     const name = this.uniqueName(info.name);
