@@ -28,10 +28,8 @@ export interface ModelLoadOptions extends HubOptions, ProcessorLoadOptions {
   /**
    * Keep ONNX Runtime's packed q8/q4 weights in the blip2 cache (default true): the first load on a
    * machine saves them (as large again as the converted weights), later loads map them from disk
-   * instead of packing them into private memory (Flan-T5-XL q8: private memory 0.4 GB against 4.2
-   * GB). Decoding from the mapped copy can be slower: OPT-2.7B q8's steps took 7-19% less time
-   * packed in memory on this project's VM (README, Speed and memory), so `false` trades load time
-   * and memory for that. On the CPU only.
+   * instead of packing them into private memory. Decoding from the mapped copy can be slower
+   * (docs/performance.md), so `false` trades load time and memory for that. On the CPU only.
    */
   packedWeights?: boolean;
   /** Told when a session's packed weights start and finish being saved (the first load on a machine, tens of seconds). */

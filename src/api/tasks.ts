@@ -85,8 +85,8 @@ export interface ChatOptions {
    * When turns must be dropped, drop the oldest until the prompt and the tokens to generate take at
    * most this share of the window (default 1: only what must go). Dropped turns stay out, so a lower
    * share lets the next turns fit without dropping again: with OPT, a turn that drops runs its whole
-   * context again (2.7-3.0 s to the first token at about 480 tokens for OPT-2.7B q8), where one that
-   * only adds runs its new positions (0.3-0.5 s). The model then sees fewer of the earlier turns.
+   * context again, where one that only adds runs its new positions (docs/performance.md gives the times).
+   * The model then sees fewer of the earlier turns.
    */
   dropTo?: number;
   /**

@@ -59,11 +59,11 @@ export function linearWith(p: Params, weightName: string, x: Value, inFeatures: 
  * scale per output), in integer arithmetic. Each row of `x` is quantized on the fly, symmetric with
  * its own scale (so a row's result never depends on the other rows of a batch), as uint8 codes
  * around 128; the int32 sums come back as floats times the channel's scale, then the row's. Rows
- * keep their leading dimensions (no reshaping into a matrix and back, six small ops per product: an
- * OPT-2.7B q4 decoding step took 93-96 against 102-107 ms). On CPUs
- * with int8 matrix units (AMX) this ran 2.3-3.8x faster than MatMulNBits's 8-bit blocks for the 257
- * rows of an image, and as fast for one row. A graph for a GPU widens the weight to float32 on the
- * device instead and multiplies in float (see Graph's Target).
+ * keep their leading dimensions: reshaping into a matrix and back would add six small ops per
+ * product, which a decoding step of one row is dominated by. On CPUs with int8 matrix units (AMX)
+ * this runs the many rows of an image faster than MatMulNBits's 8-bit blocks, and one row as fast
+ * (docs/performance.md). A graph for a GPU widens the weight to float32 on the device instead and
+ * multiplies in float (see Graph's Target).
  */
 export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | null): Value {
   const g = x.graph;
@@ -202,12 +202,11 @@ export function attendWithCache(q: Value, cache: KeyValue, fresh: KeyValue, scal
  * The same attention in ONNX Runtime's fused MultiHeadAttention, for OPT: `q` is the new positions'
  * projection [B, S, H*Dh], `fresh` [B, H, S, Dh], the cache [B, H, L, Dh]; returns [B, S, H*Dh]. One
  * kernel in place of some twenty small ops per layer (splitting and merging heads, scores, mask,
- * softmax), which a quantized decoding step is otherwise dominated by: an OPT-2.7B q4 step took
- * 0.051-0.054 against 0.068-0.069 s. The cache is joined with the new keys/values first (a copy per
- * layer and step, small beside the weights): given as the kernel's `past`, ONNX Runtime 1.30's CPU
- * kernel errs unless its joined `present` outputs are declared, which then stay allocated through
- * the run (+0.1-0.2 GB peak). T5's steps (per-head position bias, 20 slots) ran 17-22% slower with
- * it and keep `attendWithCache`.
+ * softmax), which a quantized decoding step is otherwise dominated by. The cache is joined with
+ * the new keys/values first (a copy per layer and step, small beside the weights): given as the
+ * kernel's `past`, ONNX Runtime 1.30's CPU kernel errs unless its joined `present` outputs are
+ * declared, which then stay allocated through the run and raise the peak. T5's steps (per-head
+ * position bias, few slots) ran slower with it and keep `attendWithCache` (docs/performance.md).
  */
 export function attendWithCacheFused(q: Value, cache: KeyValue, fresh: KeyValue, heads: number, scale: number, bias: Value): Value {
   const join = (past: Value, now: Value) => op.concat([past, now], 2);

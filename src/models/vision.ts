@@ -46,8 +46,7 @@ function encoderLayer(p: Params, cfg: VisionConfig, x: Value): Value {
   const h = op.add(x, selfAttention(p.at("self_attn"), cfg, layerNormLayer(p.at("layer_norm1"), x, d, cfg.layerNormEps)));
   const mlp = p.at("mlp");
   // The MLP runs on the tokens as one matrix [B * tokens, D]: ONNX Runtime's arena for the image
-  // path then held 56 MB beyond its weights after 4 images of ViT-g in q8, against 96 MB with
-  // [B, tokens, D] tensors throughout.
+  // path then holds less memory beyond its weights than with [B, tokens, D] tensors throughout.
   const y = op.byRows(layerNormLayer(p.at("layer_norm2"), h, d, cfg.layerNormEps), d, (tokens) =>
     linearLayer(mlp.at("fc2"), activation(linearLayer(mlp.at("fc1"), tokens, d, cfg.intermediateSize), cfg.hiddenAct), cfg.intermediateSize, d),
   );

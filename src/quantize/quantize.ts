@@ -21,11 +21,8 @@ import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type 
 /**
  * Values per 4-bit block along K: 256, MatMulNBits's largest, where the row length allows (a power
  * of two dividing it). Its int8 kernels convert and scale each block's sum in float, so longer
- * blocks run faster. Measured on the AMD machine of earlier sessions, blocks of 256 against 128:
- * 12-20% more GFLOP/s for 38 or 257 rows, and on the OPT-2.7B benchmark in two A/B pairs a q4
- * caption of 3.45 against 3.75 s, 3-4% less memory, and the same cosine to float32 (0.9945). Blocks
- * of 32 ran 1.4-2x slower than 128. The block size is recorded in each weight's shape, so weights
- * converted with another one still load and run.
+ * blocks run faster, at the same accuracy against float32 (docs/performance.md). The block size
+ * is recorded in each weight's shape, so weights converted with another one still load and run.
  */
 const BLOCK_SIZE = 256;
 

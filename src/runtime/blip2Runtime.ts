@@ -46,9 +46,8 @@ export class Blip2Runtime {
 
   /**
    * T5's encoder and cross-attention projections run once per prompt: they drop ONNX Runtime's
-   * memory arena, which would keep their largest buffers for good (the cross-attention keys/values
-   * are 60 MB for 4 rows of Flan-T5-XL; measured, 0.04-0.1 GB lower peak resident over batch-4
-   * captions). The decoder steps keep it (see RuntimeOptions.arena).
+   * memory arena, which would keep their largest buffers (the cross-attention keys/values) for
+   * good. The decoder steps keep it (see RuntimeOptions.arena).
    */
   private sessionOptions(name: string): SessionOptions {
     if (name === "image") return VISION_SESSION;
@@ -139,8 +138,8 @@ export class Blip2Runtime {
    * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
    * that generation needs). The rows of a prompt run together, as many as keep the run's new
    * keys/values within PROMPT_KEY_VALUE_BYTES (`rowsPerRun` overrides): each pass streams every
-   * weight from memory, so OPT-2.7B q8's 4 prompts of 42 positions took 0.66-0.69 s together against
-   * 1.1 s one by one, while ONNX Runtime's arena keeps a run's largest outputs, those keys/values.
+   * weight from memory, so rows together cost little more than one, while ONNX Runtime's arena
+   * keeps a run's largest outputs, those keys/values.
    */
   async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false, rowsPerRun = promptRowsPerRun(this.opt, embeds.dims[1]!)): Promise<Tensors> {
     const s = await this.session("opt_decoder");

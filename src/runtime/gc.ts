@@ -1,10 +1,9 @@
 /**
  * V8's full collection, callable without `--expose-gc`: the flag is set just long enough to fetch
  * the function (as jest's leak detector does). The worker thread that runs the sessions calls it
- * after each generation, whose garbage is hundreds of MB of large buffers (its key/value cache,
- * 150 MB for 4 rows of OPT-2.7B, and every run's outputs) that V8 would otherwise free only when it
- * gets to them: measured, peak memory over a series of captions was about 0.2 GB higher. That
- * thread's heap holds little else, so a collection takes a few milliseconds.
+ * after each generation, whose garbage is large buffers (its key/value cache and every run's
+ * outputs) that V8 would otherwise free only when it gets to them, raising the peak over a series
+ * of captions. That thread's heap holds little else, so a collection is quick.
  */
 import v8 from "node:v8";
 import vm from "node:vm";

@@ -86,9 +86,8 @@ export class KvCache {
 
   /**
    * Slots a step is given: all of them, or one (masked) while the cache is empty. A prompt's pass
-   * then attends to its own positions only, not to every empty slot too (a 455-position chat
-   * context in a cache of 475 slots attended to 930 keys): OPT-2.7B q8's first token came 0.6-0.9
-   * s sooner there (2.3-2.7 against 3.1-3.4 s).
+   * then attends to its own positions only, not to every empty slot too (a long chat context in a
+   * cache just larger would attend to twice its keys), which delays the first token.
    */
   get fedSlots(): number {
     return fedSlots(this.length, this.shape.capacity);
@@ -111,7 +110,7 @@ export class KvCache {
    * Writes a step's new keys/values for rows `first`.. (`new.{i}.key`, [rows, heads, S, headDim],
    * heads split as the cache holds them) into the next free slots: one copy per row and head, since
    * both lay a head's positions out one after another. (Projections as computed, [rows, S, heads *
-   * headDim], took a copy per position too: 56 ms for a 4-row prompt of OPT-2.7B.) `advance` then
+   * headDim], would take a copy per position too.) `advance` then
    * counts the slots as filled, once every row is written.
    */
   write(outputs: Record<string, ort.Tensor>, newMask: number[][], first = 0): void {
@@ -182,8 +181,7 @@ export class KvCache {
    * only their filled slots past the first `shared` are copied (the caller knows that each row and
    * the row it takes hold the same ones there: the beams of one prompt share its slots), in an
    * order that writes a row once nothing still needs to read it (a cycle of rows goes through one
-   * copy, in a buffer kept between steps). Copying every tensor whole took 61 ms per step for 5
-   * beams of OPT-2.7B (58 slots) and 282 ms for 20 rows.
+   * copy, in a buffer kept between steps), rather than copying every tensor whole at each step.
    */
   reorder(index: number[], shared = 0): void {
     const copies = rowCopies(index);
@@ -261,10 +259,10 @@ export function rowCopies(index: number[]): RowCopy[] {
 
 /**
  * Keeps the memory of the last dropped cache for the next one. Memory the process has not touched
- * yet costs a page fault per 4 KB on first write, which these VMs serve slowly (about 8 µs): a
- * cache's writes took 33 against 7.4 ms per step for 20 rows of OPT-2.7B in fresh memory against
- * memory used before, about 74 ms over a 20-token caption and 0.3 s over a batch of 4. The block
- * kept is the largest recently dropped; it is zeroed when reused.
+ * yet costs a page fault per 4 KB page on first write, which virtual machines serve slowly, and a
+ * cache is written a slot at a time across all of its pages, so fresh memory makes every step
+ * slower (docs/performance.md). The block kept is the largest recently dropped; it is zeroed when
+ * reused.
  */
 export class CacheMemory {
   private spare: Float32Array | null = null;

@@ -1,7 +1,7 @@
 /**
  * ONNX Runtime's packed integer weights, kept on disk. A session whose graph has integer kernels
  * (q8/q4 weights) lays every weight out again for its kernels when it is created: most of a
- * quantized model's load time (Flan-T5-XL q8: 7 of 12 s on one core) and as much private memory as
+ * quantized model's load time and as much private memory as
  * the weights themselves. The first time a graph is created on a machine, ONNX Runtime also saves
  * its optimized graph with the packed weights in an external data file, under
  * `<blip2 cache>/packed/<key>/`; every later load opens that file, and the packed weights are
@@ -332,7 +332,8 @@ function packedEntry(dir: string, here: { onnxruntime: string; cpu: string }): P
 /**
  * Of the usable copies of one graph packed from the same weight files, only the one opened last is
  * still of use: the others were made for that graph as an earlier version of blip2 built it (a
- * graph's key includes its bytes, so a changed graph gets a copy of its own, 2-5 GB for a 3B model).
+ * graph's key includes its bytes, so a changed graph gets a copy of its own, gigabytes for a large
+ * model).
  */
 function markSuperseded(entries: (PackedEntry & { opened?: number })[]): void {
   const latest = new Map<string, PackedEntry & { opened?: number }>();

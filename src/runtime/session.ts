@@ -35,7 +35,7 @@ export interface RuntimeOptions {
   worker?: boolean;
   /**
    * Keep ONNX Runtime's memory arena (default true): freed activations stay with the session for
-   * the next run, which decoding steps need (without it a q8 decode step took ~25% longer). See
+   * the next run, which decoding steps need (without it they allocate their outputs afresh). See
    * Blip2Runtime.sessionOptions for the sessions that turn it off (T5's once-per-prompt encoder passes).
    */
   arena?: boolean;
@@ -191,15 +191,14 @@ const INTEGER_KERNELS = new Set(["MatMulNBits", "MatMulIntegerToFloat"]);
 /**
  * Whether ONNX Runtime prepacks the graph's weights. Prepacking keeps a private, re-laid-out copy of
  * every weight matrix: not worth it for float32 weights (read in place from the mapped file), but
- * the integer kernels need their packed layout to run fast (MatMulNBits some 100x;
- * MatMulIntegerToFloat packs the weight again on every call without it: a q8 decoding step took 4x
- * as long).
+ * the integer kernels need their packed layout to run fast (without it, MatMulNBits runs far
+ * slower and MatMulIntegerToFloat packs the weight again on every call).
  */
 export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEGER_KERNELS.has(n.op));
 
 /**
- * ONNX Runtime's graph optimizers left out. BiasGeluFusion: its CPU kernel took twice as long as the
- * bias Add and Gelu it fuses (ViT-g's MLP, q8: 45 ms against 19 ms plus the adds, per image).
+ * ONNX Runtime's graph optimizers left out. BiasGeluFusion: its CPU kernel is slower than the bias
+ * Add and Gelu it fuses (ViT-g's MLP in q8; docs/performance.md).
  */
 const DISABLED_OPTIMIZERS = "BiasGeluFusion";
 
@@ -263,7 +262,7 @@ export class CompiledGraph {
 
   /**
    * Runs the session and keeps its outputs beside `cache`, fed to each of its steps (T5's
-   * cross-attention keys/values: 60 MB for 4 rows of Flan-T5-XL, never sent between threads).
+   * cross-attention keys/values, tens of megabytes, never sent between threads).
    * They stay one row per input: the rows continuing an input (beams) share it (see models/t5.ts).
    */
   runIntoCache(feeds: Record<string, ort.Tensor>, cache: CacheHandle): Promise<void> {
@@ -373,11 +372,10 @@ export const tensor = {
 };
 
 /**
- * Options of a session running the vision encoder: a worker thread of its own (created beside the
- * language model's sessions; OPT-2.7B q8 loaded in 7.1-7.4 s against 10-19 s in one thread). It
- * keeps the memory arena: without it, about one Flan-T5-XL q8 bench run in five peaked 0.5 GB
- * higher during the image runs (1.18-1.19x the weights against 1.07-1.09x; none in 16 runs with
- * it), while OPT-2.7B q8 peaked the same either way (1.02-1.03x) at the same speed.
+ * Options of a session running the vision encoder: a worker thread of its own, so that ONNX
+ * Runtime creates (and packs) it beside the language model's sessions rather than after them. It
+ * keeps the memory arena: without it, some Flan-T5-XL q8 runs peaked higher during the image runs,
+ * while OPT-2.7B q8 peaked the same either way at the same speed (docs/performance.md).
  */
 export const VISION_SESSION: SessionOptions = { thread: "image" };
 
