@@ -11,6 +11,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { lib as tokenizersLib, type LibTokenizer } from "./lib.js";
 import { Blip2Error } from "../errors.js";
+import { warnOnce } from "../warn.js";
 import { readJsonFile } from "../io/checkpoint.js";
 import {
   AddedVocabulary,
@@ -193,22 +194,42 @@ export class Blip2Tokenizer {
     const base = { ...json, normalizer: json["normalizer"] ?? null, pre_tokenizer: json["pre_tokenizer"] ?? null, post_processor: null, decoder: null };
     const eos = this.specialTokens.eos_token;
     const libConfig = eos === null ? {} : { eos_token: eos };
-    let lib: LibTokenizer;
-    try {
-      lib = new tokenizersLib.Tokenizer(base, libConfig);
-    } catch {
-      // The library lacks some component we implement ourselves: let it build without them.
-      try {
-        lib = new tokenizersLib.Tokenizer({ ...base, normalizer: null, pre_tokenizer: null }, libConfig);
-      } catch (err) {
-        throw new Blip2Error(`${this.source}: cannot build the tokenizer (${(err as Error).message.split("\n")[0]})`, { cause: err });
-      }
-    }
+    const lib = this.buildLibrary(base, libConfig);
     lib.normalizer = this.normalizer;
     lib.pre_tokenizer = this.preTokenizer;
     lib.post_processor = null;
     lib.decoder = null;
     this.lib = lib;
+  }
+
+  /**
+   * The library's tokenizer for `json`. Its normalizer and pre-tokenizer are replaced by ours
+   * (components.ts), so where the library cannot build one of them (a type or option it lacks), it
+   * is built without that one, and the user is told. A failure that leaving them out does not cure
+   * lies elsewhere (the model, the vocabulary) and is reported as it is.
+   */
+  private buildLibrary(json: Record<string, unknown>, config: object): LibTokenizer {
+    try {
+      return new tokenizersLib.Tokenizer(json, config);
+    } catch (err) {
+      const reason = (err as Error).message.split("\n")[0];
+      for (const left of [["normalizer"], ["pre_tokenizer"], ["normalizer", "pre_tokenizer"]]) {
+        const lib = this.tryBuildLibrary({ ...json, ...Object.fromEntries(left.map((k) => [k, null])) }, config);
+        if (!lib) continue;
+        warnOnce(`${this.source}: the tokenizers library cannot build this tokenizer's ${left.join(" and ")} (${reason}); blip2's own is used`);
+        return lib;
+      }
+      throw new Blip2Error(`${this.source}: cannot build the tokenizer (${reason})`, { cause: err });
+    }
+  }
+
+  /** The library's tokenizer, or null where it fails to build (the caller reports the first failure). */
+  private tryBuildLibrary(json: Record<string, unknown>, config: object): LibTokenizer | null {
+    try {
+      return new tokenizersLib.Tokenizer(json, config);
+    } catch {
+      return null;
+    }
   }
 
   /**
