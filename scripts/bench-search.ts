@@ -1,13 +1,14 @@
 /**
  * Benchmark: ITC search over N synthetic image embeddings (default 100,000 images x 32 queries x
  * 256 dims, the shapes of Salesforce/blip2-itm-vit-g) in the SQLite index. Prints a table and a
- * JSON line. Usage: npm run bench:search -- [--images N] [--queries Q] [--dim E] [--runs R] [--dir D]
+ * JSON line, and appends the line to bench/results/<date>-<machine>.jsonl. Usage: npm run bench:search -- [--images N] [--queries Q] [--dim E] [--runs R] [--dir D]
  */
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { SqliteStore } from "../src/search/sqliteStore.js";
+import { recordResult } from "./bench-results.js";
 
 const { values } = parseArgs({ options: { images: { type: "string" }, queries: { type: "string" }, dim: { type: "string" }, runs: { type: "string" }, dir: { type: "string" } } });
 const images = Number(values.images ?? 100_000);
@@ -74,4 +75,6 @@ console.log(`ITC search, ${images} images x ${queries} queries x ${dim} dims (${
 console.log(`  first search after indexing (writes the matrix): ${firstMs.toFixed(0)} ms`);
 console.log(`  first search of a process (maps the matrix):     ${coldMs.toFixed(0)} ms`);
 console.log(`  search, median of ${runs} (min ${Math.min(...warm).toFixed(0)}, max ${Math.max(...warm).toFixed(0)}): ${median(warm).toFixed(0)} ms`);
-console.log(JSON.stringify({ bench: "search", images, queries, dim, firstMs: Math.round(firstMs), coldMs: Math.round(coldMs), medianMs: Math.round(median(warm)), minMs: Math.round(Math.min(...warm)), maxMs: Math.round(Math.max(...warm)) }));
+const line = { bench: "search", images, queries, dim, firstMs: Math.round(firstMs), coldMs: Math.round(coldMs), medianMs: Math.round(median(warm)), minMs: Math.round(Math.min(...warm)), maxMs: Math.round(Math.max(...warm)) };
+console.log(JSON.stringify(line));
+console.log(`appended to ${recordResult(line)}`);

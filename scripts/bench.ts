@@ -4,7 +4,7 @@
  * time to first token, per-token decode, a 20-token caption, a batch of 4 captions, peak memory
  * and (lower precisions) logits quality against float32. Also measures the machine's read
  * bandwidth from the memory each dtype's weights are read from, for the decode floor. Prints a
- * table and a JSON line.
+ * table and a JSON line, and appends the line to bench/results/<date>-<machine>.jsonl.
  *
  * npm run bench [-- --model opt-2.7b|flan-t5-xl --dtypes fp32,q8,q4 --threads 2,1 --runs 3 --tokens 20 --device cpu|webgpu|cuda --no-packed-cache]
  * (the bandwidth floor is the CPU's: on another device, read it as the host's figure only)
@@ -23,6 +23,7 @@ import { listPacked, packedDataFile } from "../src/runtime/packedModels.js";
 import * as ort from "onnxruntime-node";
 import { attr, Graph } from "../src/ir/graph.js";
 import { CompiledGraph, isDevice } from "../src/runtime/session.js";
+import { recordResult } from "./bench-results.js";
 import { syntheticCheckpoint, type Variant } from "./synthetic-checkpoint.js";
 
 const { values } = parseArgs({ options: { model: { type: "string" }, dtypes: { type: "string" }, threads: { type: "string" }, runs: { type: "string" }, tokens: { type: "string" }, device: { type: "string" }, "no-packed-cache": { type: "boolean" } } });
@@ -71,9 +72,8 @@ function warm(tensors: TensorInfo[]): void {
  * weights are read in place from the memory-mapped files: a 4 GB block of a weight shard that sits
  * in the page cache. Quantized weights are read from ONNX Runtime's packed copies, mapped from the
  * blip2 cache (runtime/packedModels.ts), unless the bench runs with `--no-packed-cache`: then they
- * are anonymous memory, probed with a 2 GB input buffer. The two can differ (measured: 33 against
- * 52 GB/s on 2 threads on one machine), so each kind of weights is held to the floor of its own
- * memory.
+ * are anonymous memory, probed with a 2 GB input buffer. The two can read at different rates on
+ * the same machine, so each kind of weights is held to the floor of its own memory.
  */
 async function bandwidth(threads: number, memory: Memory): Promise<number> {
   const shard = path.join(dir, fs.readdirSync(dir).filter((f) => f.endsWith(".safetensors")).sort()[0]!);
@@ -113,8 +113,8 @@ function relayWarnings(stderr: string, config: string): void {
 const results: Record<string, unknown>[] = [];
 /**
  * The read bandwidth that bounds a configuration's decoding: the mean of probes taken just before
- * and just after its process ran. It moves with the machine's load (33 and 57 GB/s in two
- * consecutive runs here), so one probe at the start misjudged later configurations by as much.
+ * and just after its process ran. It moves with the machine's load, even between consecutive
+ * runs, so one probe at the start would misjudge later configurations.
  */
 const bw = (r: { bandwidthGBs: { before: number; after: number } }) => (r.bandwidthGBs.before + r.bandwidthGBs.after) / 2;
 for (const dtype of dtypes) {
@@ -168,4 +168,6 @@ const widths = table[0]!.map((_, c) => Math.max(...table.map((r) => r[c]!.length
 console.log(`BLIP-2 ${variant} shapes, random weights; ${os.cpus().length} cores (${os.cpus()[0]?.model}); medians of ${runs} runs (min-max)${packed ? "" : "; quantized weights packed in memory"}`);
 if (results.some((r: any) => r.device !== device)) console.log(`${device} was not available here: these figures are the CPU's`);
 for (const r of table) console.log(r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
-console.log(JSON.stringify({ bench: "blip2", model: variant, device, packedWeights: packed, cores: os.cpus().length, pytorch: PYTORCH, results }));
+const line = { bench: "blip2", model: variant, device, packedWeights: packed, cores: os.cpus().length, pytorch: PYTORCH, results };
+console.log(JSON.stringify(line));
+console.error(`appended to ${recordResult(line)}`);
