@@ -134,6 +134,11 @@ const CASES: Record<string, Case> = {
     fixed: { ids: ids([2, 3], [0, 2, 2, 3, 0, 0]) },
     build: ([t, i]) => op.gather(t!, i!, 0),
   },
+  GatherElements: {
+    inputs: [{ name: "x", shape: [3, 4] }],
+    fixed: { at: ids([3, 2], [1, 1, 0, 3, 2, 2]) },
+    build: ([x, at]) => x!.graph.addNode("GatherElements", [x!, at!], { axis: attr.int(1) }, [{ dtype: "float32", shape: [3, 2] }])[0]!,
+  },
   MultiHeadAttention: {
     inputs: [{ name: "q", shape: [1, 3, 4] }, { name: "k", shape: [1, 2, 3, 2] }, { name: "v", shape: [1, 2, 3, 2] }],
     build: ([q, k, v], g) => op.multiHeadAttention(q!, k!, v!, g.constant(Float32Array.from([0, -1e9, -1e9, 0, 0, -1e9, 0, 0, 0]), "float32", [1, 1, 3, 3]), { heads: 2, scale: 0.7 }),

@@ -329,6 +329,15 @@ RULES.Gather = (ctx) => {
   return [scattered, null];
 };
 
+/** GatherElements: the gradient scattered (summed) back to the positions it was taken from. */
+RULES.GatherElements = (ctx) => {
+  const [data, indices] = [input(ctx, 0), input(ctx, 1)];
+  const g = data.graph;
+  const dims = concrete(data);
+  const zeros = op.expand(g.scalar(0), g.ints(dims), dims);
+  return [raw(g, "ScatterElements", [zeros, indices, grad(ctx)], { axis: ctx.node.attrs.axis ?? attr.int(0), reduction: attr.string("add") }, "float32", data.shape), null];
+};
+
 // ---- fused inference ops, differentiated through their standard equivalents ------------------
 
 /**

@@ -16,6 +16,12 @@ export interface QFormerInputs {
   textEmbeds: Value | null;
   /** [B, Q + T] int64 mask over the whole sequence; null means attend everywhere. */
   attentionMask: Value | null;
+  /**
+   * An additive self-attention bias [B, 1, Q + T, Q + T] in place of `attentionMask`, for masks that
+   * differ per row: ITG's multimodal causal mask (queries see queries, text sees the queries and
+   * the text up to itself).
+   */
+  attentionBias?: Value;
   /** [B, N, encoder_hidden_size] image features to cross-attend to; null for text-only. */
   imageEmbeds: Value | null;
   /** How many leading positions are queries. */
@@ -29,12 +35,12 @@ export interface QFormerOutputs {
 }
 
 /** Transformers masks Q-Former attention with -10000, not the dtype's minimum. */
-const MASKED = -10000;
+export const MASKED = -10000;
 
 export function qformer(p: Params, cfg: QFormerConfig, inputs: QFormerInputs): QFormerOutputs {
   const parts = [inputs.queryEmbeds, inputs.textEmbeds].filter((v): v is Value => v !== null);
   let x = layerNormLayer(p.at("layernorm"), parts.length === 1 ? parts[0]! : op.concat(parts, 1), cfg.hiddenSize, cfg.layerNormEps);
-  const bias = inputs.attentionMask ? paddingBias(inputs.attentionMask, MASKED) : null;
+  const bias = inputs.attentionBias ?? (inputs.attentionMask ? paddingBias(inputs.attentionMask, MASKED) : null);
   const hiddenStates = [x];
   for (let i = 0; i < cfg.numHiddenLayers; i++) {
     const hasCrossAttention = inputs.imageEmbeds !== null && i % cfg.crossAttentionFrequency === 0;

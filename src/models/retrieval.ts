@@ -13,7 +13,7 @@ import { expandToBatch, linearLayer, Params } from "./layers.js";
 import { qformer, qformerTextEmbeddings } from "./qformer.js";
 
 /** F.normalize(x, dim=-1): x / max(||x||, 1e-12). */
-function normalize(x: Value): Value {
+export function normalize(x: Value): Value {
   const g = x.graph;
   const norm = op.sqrt(op.reduceSum(op.mul(x, x), [-1]));
   return op.div(x, op.max(norm, g.scalar(1e-12)));
