@@ -6,6 +6,7 @@ import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
 import { generateIds, type GenerateInputs } from "../generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../generation/options.js";
+import type { ResolvedGeneration } from "../generation/options.js";
 import type { SearchResult } from "../generation/search.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Runtime } from "../runtime/blip2Runtime.js";
@@ -16,6 +17,8 @@ export type { ModelLoadOptions };
 export interface GenerateArgs extends GenerateInputs, GenerationOptions {
   /** Called after each step with the new token of every row (greedy and sampling). */
   onToken?: (tokens: number[], finished: boolean[]) => void | Promise<void>;
+  /** Stops the generation at its next step (its cache is freed); the call then rejects with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 export class Blip2ForConditionalGeneration {
@@ -51,40 +54,62 @@ export class Blip2ForConditionalGeneration {
 
   /** Like `generate`, also returning beam scores (beam search). */
   async generateWithScores(args: GenerateArgs): Promise<SearchResult> {
-    const g = resolveGeneration(args, this.defaults, this.config);
+    const g = this.generationConfig(args);
     this.checkInputs(args, g.maxNewTokens);
-    return generateIds(this.runtime, args, g, { onToken: args.onToken });
+    return generateIds(this.runtime, args, g, { onToken: args.onToken, signal: args.signal });
   }
 
-  /** The new tokens as they are generated: one array per step with a token per prompt. */
+  /** The options a generation with `options` runs with: these over the checkpoint's generation_config.json. */
+  generationConfig(options: GenerationOptions): ResolvedGeneration {
+    return resolveGeneration(options, this.defaults, this.config);
+  }
+
+  /**
+   * The new tokens as they are generated: one array per step with a token per prompt. Leaving the
+   * loop early (`break`, `return`, an exception) or aborting `args.signal` stops the generation
+   * and frees its cache before the loop is left; an error of the generation is thrown to the loop.
+   */
   async *stream(args: GenerateArgs): AsyncGenerator<number[]> {
-    const g = resolveGeneration(args, this.defaults, this.config);
+    const g = this.generationConfig(args);
     if (g.numBeams > 1) throw new Blip2Error("streaming works with greedy search and sampling, not beam search (numBeams > 1)");
     this.checkInputs(args, g.maxNewTokens);
+    const stop = new AbortController();
+    const signal = args.signal ? AbortSignal.any([args.signal, stop.signal]) : stop.signal;
     const queue: number[][] = [];
     let wake: (() => void) | null = null;
     let done = false;
-    let failure: unknown = null;
     const push = (tokens: number[]) => {
       queue.push(tokens);
       wake?.();
     };
-    generateIds(this.runtime, args, g, { onToken: (t) => push(t) })
-      .catch((err) => (failure = err))
-      .finally(() => {
-        done = true;
-        wake?.();
-      });
-    while (true) {
-      if (queue.length) {
-        yield queue.shift()!;
-        continue;
+    const generation = generateIds(this.runtime, args, g, { onToken: (t) => push(t), signal }).finally(() => {
+      done = true;
+      wake?.();
+    });
+    // Observed here so that a failure while the consumer is away is not reported as unhandled; it
+    // is thrown below (or from the finally block when the consumer left early).
+    generation.catch(() => undefined);
+    try {
+      while (true) {
+        if (queue.length) {
+          yield queue.shift()!;
+          continue;
+        }
+        if (done) break;
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = null;
       }
-      if (done) break;
-      await new Promise<void>((resolve) => (wake = resolve));
-      wake = null;
+      await generation;
+    } finally {
+      if (!done) {
+        // The consumer left early: stop at the next step and wait for the cache to be freed. The
+        // stop itself is no error; any other failure is.
+        stop.abort();
+        await generation.catch((err) => {
+          if (!(stop.signal.aborted && err === stop.signal.reason)) throw err;
+        });
+      }
     }
-    if (failure) throw failure;
   }
 
   /** The image's projected queries [B, Q, D], to reuse across several prompts about the same image. */

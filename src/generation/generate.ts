@@ -51,6 +51,8 @@ export interface GenerateHooks {
   onToken?: TokenCallback;
   /** Each step's raw language-model logits of the last position, [rows * vocab], before any processor. */
   onLogits?: (logits: Float32Array) => void;
+  /** Checked before each run of the language model: once aborted, the generation throws its reason (and frees its cache). */
+  signal?: AbortSignal;
 }
 
 export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: ResolvedGeneration, hooks: GenerateHooks = {}): Promise<SearchResult> {
@@ -74,7 +76,8 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
     decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows.length, mask, g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
   }
-  const model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
+  let model: DecodingModel = hooks.onLogits ? observeLogits(decoding, hooks.onLogits) : decoding;
+  if (hooks.signal) model = stoppable(model, hooks.signal);
   let completed = false;
   try {
     const result = g.numBeams > 1 ? await beamSearch(model, prompts, g) : await sampleOrGreedy(model, prompts, g, hooks.onToken);
@@ -103,6 +106,15 @@ function observeLogits(model: DecodingModel, onLogits: (logits: Float32Array) =>
     vocabSize: model.vocabSize,
     prefill: async () => seen(await model.prefill()),
     step: async (tokens) => seen(await model.step(tokens)),
+    reorder: (index) => model.reorder(index),
+  };
+}
+
+function stoppable(model: DecodingModel, signal: AbortSignal): DecodingModel {
+  return {
+    vocabSize: model.vocabSize,
+    prefill: async () => (signal.throwIfAborted(), model.prefill()),
+    step: async (tokens) => (signal.throwIfAborted(), model.step(tokens)),
     reorder: (index) => model.reorder(index),
   };
 }
