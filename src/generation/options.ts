@@ -10,12 +10,16 @@ export interface GenerationOptions {
   maxNewTokens?: number;
   /** New tokens before EOS is allowed (default 0). */
   minNewTokens?: number;
-  /** Sample instead of greedy/beam argmax (default false, or true when temperature/topK/topP is set with doSample unset). */
+  /**
+   * Sample instead of greedy/beam argmax. Default: generation_config's do_sample, else false; as a
+   * convenience, a temperature, topK or topP given here with doSample unset turns sampling on
+   * (a seed alone does not: it only seeds sampling, as in transformers).
+   */
   doSample?: boolean;
   temperature?: number;
   topK?: number;
   topP?: number;
-  /** Seed of the sampler's random generator: the same seed gives the same text. */
+  /** Seed of the sampler's random generator: the same seed gives the same text (sampling only). */
   seed?: number;
   numBeams?: number;
   lengthPenalty?: number;
@@ -116,8 +120,9 @@ export function resolveGeneration(user: GenerationOptions, fileDefaults: Generat
   const eos = o.eosTokenId ?? text.eosTokenId ?? [];
   const eosTokenIds = Array.isArray(eos) ? eos : [eos];
   const padTokenId = o.padTokenId ?? text.padTokenId ?? eosTokenIds[0] ?? 0;
-  // Asking for temperature/topK/topP without doSample means sampling, as users expect.
-  const asksForSampling = user.temperature !== undefined || user.topK !== undefined || user.topP !== undefined || user.seed !== undefined;
+  // Asking for temperature/topK/topP without doSample means sampling, as users expect; a seed
+  // only makes sampling reproducible, so by itself it changes nothing (as in transformers).
+  const asksForSampling = user.temperature !== undefined || user.topK !== undefined || user.topP !== undefined;
   const sampling = user.doSample ?? (asksForSampling || (fileDefaults.doSample ?? false));
   const r: ResolvedGeneration = {
     maxNewTokens: o.maxNewTokens ?? 20,
