@@ -172,7 +172,8 @@ export class Chat {
   }
 
   private async answer(question: string, options: GenerationOptions & Pick<CaptionOptions, "onToken">): Promise<ChatReply> {
-    const maxNewTokens = options.maxNewTokens ?? 30;
+    // As every generation: the option, else the checkpoint's generation_config.json, else 20.
+    const maxNewTokens = this.blip2.model.generationConfig(options).maxNewTokens;
     const { inputIds, droppedTurns } = this.prompt(question, maxNewTokens);
     if (droppedTurns > this.firstTurn) this.options.onDrop?.(droppedTurns);
     this.firstTurn = droppedTurns;

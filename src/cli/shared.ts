@@ -41,6 +41,7 @@ export const generationOptionSpec: OptionSpec = {
   "num-return-sequences": { type: "string" },
   "repetition-penalty": { type: "string" },
   "no-repeat-ngram-size": { type: "string" },
+  "do-sample": { type: "boolean" },
   temperature: { type: "string" },
   "top-k": { type: "string" },
   "top-p": { type: "string" },
@@ -48,21 +49,23 @@ export const generationOptionSpec: OptionSpec = {
 };
 
 export const generationHelp = [
-  "--max-new-tokens N       tokens to generate at most (default 30)",
+  "--max-new-tokens N       tokens to generate at most (default: the model's generation_config.json, else 20)",
   "--min-new-tokens N       tokens before the end token is allowed",
   "--num-beams N            beam search with N beams",
   "--length-penalty X       beam search length penalty (default 1)",
   "--num-return-sequences N sequences per image (beams or samples)",
   "--repetition-penalty X   penalize tokens already present (e.g. 1.5)",
   "--no-repeat-ngram-size N never repeat an n-gram of this size",
+  "--do-sample              sample instead of taking the most likely token",
   "--temperature T          sample with this temperature",
   "--top-k K, --top-p P     sample among the k best / the top-p mass",
-  "--seed S                 sampling seed (same seed, same text)",
+  "--seed S                 sampling seed (same seed, same text; does not turn sampling on)",
 ];
 
 export function generationFromArgs(args: ParsedArgs): GenerationOptions {
   const o: GenerationOptions = {
-    maxNewTokens: intOption(args, "max-new-tokens", 1) ?? 30,
+    // Unset, the checkpoint's generation_config.json decides, as in the library.
+    maxNewTokens: intOption(args, "max-new-tokens", 1),
     minNewTokens: intOption(args, "min-new-tokens", 0),
     numBeams: intOption(args, "num-beams", 1),
     lengthPenalty: numberOption(args, "length-penalty", () => true, "a number"),
@@ -73,6 +76,7 @@ export function generationFromArgs(args: ParsedArgs): GenerationOptions {
     topK: intOption(args, "top-k", 0),
     topP: numberOption(args, "top-p", (x) => x > 0 && x <= 1, "a number in (0, 1]"),
     seed: intOption(args, "seed", 0),
+    doSample: args.values["do-sample"] === true ? true : undefined,
   };
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));
 }
