@@ -68,10 +68,11 @@ export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value)
  * @param attentionMask  [B, L + S] int64: the cache slots holding keys, then the new positions
  * @param encoderMask    [B, Se] int64
  * @param cross          per layer, from `t5CrossKeyValues`
- * @param past           per layer self-attention cache [B, H, L, Dkv] (see runtime/kvCache.ts)
+ * @param past           per layer self-attention cache [B, H, L, Dkv] (see runtime/kvCache.ts), or null
+ *                       for a whole sequence at once (training)
  * @param logitsAt       [n] int64: the new positions whose logits to compute
  */
-export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[], logitsAt: Value): T5DecoderOutputs {
+export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[] | null, logitsAt: Value): T5DecoderOutputs {
   const dec = p.at("decoder");
   let x = t5EmbedTokens(p, cfg, decoderInputIds);
   const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalBias(attentionMask, decoderInputIds));
@@ -80,7 +81,7 @@ export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buck
   const present: KeyValue[] = [];
   for (let i = 0; i < cfg.numDecoderLayers; i++) {
     const block = dec.at("block").at(i);
-    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past[i]!);
+    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past?.[i]);
     x = op.add(x, self.out);
     present.push(self.present!);
     x = op.add(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias).out);
@@ -129,7 +130,9 @@ function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, b
 function groupRows(x: Value, keysOfInputs: Value): Value {
   const g = x.graph;
   const inputs = op.slice(op.shapeOf(keysOfInputs), [0], [1], [0]);
-  return op.reshapeTo(x, op.concat([inputs, g.ints([-1, x.dim(2) as number])], 0), [keysOfInputs.dim(0), "rows_per_input*length", x.dim(2)]);
+  const [rows, length, b] = [x.dim(0), x.dim(1), keysOfInputs.dim(0)];
+  const grouped = typeof rows === "number" && typeof length === "number" && typeof b === "number" ? (rows / b) * length : "rows_per_input*length";
+  return op.reshapeTo(x, op.concat([inputs, g.ints([-1, x.dim(2) as number])], 0), [b, grouped, x.dim(2)]);
 }
 
 /** groupRows undone: back to the shape of the decoder's rows `like`. */
