@@ -36,7 +36,8 @@ export interface Example {
   where: string;
 }
 
-export const IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"] as const;
+/** Extensions (lower case) of the images a caption folder may hold. */
+export const IMAGE_EXTENSIONS: ReadonlySet<string> = new Set([".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"]);
 
 const SOURCES = "a .jsonl file, a COCO captions .json file or a folder of images with .txt captions";
 
@@ -130,7 +131,7 @@ function fromCoco(file: string): Example[] {
 function fromFolder(dir: string): Example[] {
   const names = fs.readdirSync(dir).filter((n) => !n.startsWith(".")).sort(byCodePoint);
   const present = new Set(names);
-  const images = names.filter((n) => IMAGE_EXTENSIONS.includes(path.extname(n).toLowerCase() as never) && isFile(path.join(dir, n)));
+  const images = names.filter((n) => IMAGE_EXTENSIONS.has(path.extname(n).toLowerCase()) && isFile(path.join(dir, n)));
   const missing = images.filter((n) => !present.has(captionFileOf(n)));
   if (missing.length > 0) {
     const shown = missing.slice(0, 5).join(", ") + (missing.length > 5 ? `, and ${missing.length - 5} more` : "");
