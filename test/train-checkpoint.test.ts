@@ -1,0 +1,332 @@
+/**
+ * Training checkpoints on disk: the atomic writer (frozen tensors copied byte for byte, trained ones
+ * in the source dtype, sharding, the trainer state), what it refuses, a full disk, a killed save;
+ * stage 1's extras; `blip2 compose` of a stage-2 starting checkpoint.
+ */
+import { execFile } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
+import { Checkpoint } from "../src/io/checkpoint.js";
+import { readSafetensorsHeader, readTensorBytes, readTensorF32 } from "../src/io/safetensors.js";
+import { Blip2Tokenizer } from "../src/tokenizer/tokenizer.js";
+import { checkOutDir, encodeFloats, loadTrainerState, openTrainingOutput, saveCheckpoint, type TensorValue, type TrainerState } from "../src/train/checkpoint.js";
+import { stage1Extras } from "../src/train/extras.js";
+import { Rng } from "../src/train/rng.js";
+import { fixture } from "./helpers.js";
+
+const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-ckpt-"));
+afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));
+afterEach(() => vi.restoreAllMocks());
+let counter = 0;
+const fresh = (name = "out") => path.join(scratch, `${name}-${++counter}`);
+
+const ITM = fixture("hf-4.45", "itm");
+const headerOf = (file: string) => readSafetensorsHeader(file);
+const tensorsOf = (dir: string) => {
+  const ckpt = Checkpoint.open(dir);
+  return new Map(ckpt.names().map((n) => [n, ckpt.tensor(n)] as const));
+};
+/** Tensor names in the order their bytes sit in the file(s). */
+const fileOrder = (dir: string) =>
+  [...tensorsOf(dir).values()].sort((a, b) => path.basename(a.file).localeCompare(path.basename(b.file)) || a.offset - b.offset).map((t) => t.name);
+const siblings = (out: string) => fs.readdirSync(path.dirname(out)).filter((f) => f.startsWith(`${path.basename(out)}.`));
+
+function state(step: number, identity: unknown = { stage: 1, source: "abc", data: "train.jsonl" }): TrainerState {
+  return {
+    identity,
+    json: { step, rng: { s: [1, 2, 3, 4], spare: null }, data: { epoch: 0, position: step * 4 } },
+    tensors: new Map([
+      ["exp_avg.qformer.layernorm.weight", { shape: [32], data: Float32Array.from({ length: 32 }, (_, i) => step + i / 64) }],
+      ["exp_avg_sq.qformer.layernorm.weight", { shape: [32], data: Float32Array.from({ length: 32 }, (_, i) => step * i) }],
+    ]),
+  };
+}
+
+const layernorm = (v: number): Map<string, TensorValue> => new Map([["qformer.layernorm.weight", { shape: [32], data: new Float32Array(32).fill(v) }]]);
+
+describe("saveCheckpoint", () => {
+  it("writes a Hugging Face folder: frozen tensors byte-identical in the source's order, trained ones replaced, the checkpoint's files and no others", () => {
+    const source = Checkpoint.open(ITM);
+    const out = fresh();
+    saveCheckpoint({ source, out, trained: layernorm(1.5), state: state(7) });
+
+    expect(fs.readdirSync(out).sort()).toEqual(
+      ["added_tokens.json", "config.json", "model.safetensors", "optimizer.safetensors", "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "tokenizer_config.json", "trainer_state.json", "vocab.txt"].sort(),
+    );
+    for (const f of ["config.json", "vocab.txt", "tokenizer_config.json", "preprocessor_config.json"]) expect(fs.readFileSync(path.join(out, f))).toEqual(fs.readFileSync(path.join(ITM, f)));
+    const { metadata } = headerOf(path.join(out, "model.safetensors"));
+    expect(metadata).toEqual({ format: "pt" });
+    expect(fileOrder(out)).toEqual(fileOrder(ITM));
+    const saved = tensorsOf(out);
+    for (const name of source.names()) {
+      if (name === "qformer.layernorm.weight") continue;
+      expect(readTensorBytes(saved.get(name)!).equals(readTensorBytes(source.tensor(name))), name).toBe(true);
+    }
+    expect([...readTensorF32(saved.get("qformer.layernorm.weight")!)]).toEqual(new Array(32).fill(1.5));
+    expect(Checkpoint.open(out).config.architectures).toEqual(["Blip2ForImageTextRetrieval"]);
+
+    const back = loadTrainerState(out);
+    expect(back.json).toEqual(state(7).json);
+    expect(back.identity).toEqual(state(7).identity);
+    expect([...back.tensors.keys()].sort()).toEqual([...state(7).tensors.keys()].sort());
+    for (const [name, t] of state(7).tensors) expect(back.tensors.get(name)).toEqual(t);
+  });
+
+  it("shards above the size limit with transformers' names and index", () => {
+    const source = Checkpoint.open(ITM);
+    const out = fresh();
+    saveCheckpoint({ source, out, trained: layernorm(2), config: { ...(source.json("config.json") as object), note: "replaced" }, maxShardBytes: 60_000 });
+    const shards = fs.readdirSync(out).filter((f) => f.endsWith(".safetensors")).sort();
+    expect(shards.length).toBeGreaterThan(3);
+    shards.forEach((f, i) => expect(f).toBe(`model-${String(i + 1).padStart(5, "0")}-of-${String(shards.length).padStart(5, "0")}.safetensors`));
+    expect(fs.existsSync(path.join(out, "model.safetensors"))).toBe(false);
+    const index = JSON.parse(fs.readFileSync(path.join(out, "model.safetensors.index.json"), "utf8"));
+    expect(Object.keys(index)).toEqual(["metadata", "weight_map"]);
+    const sizes = shards.map((f) => [...headerOf(path.join(out, f)).tensors.values()].reduce((n, t) => n + t.byteLength, 0));
+    expect(index.metadata.total_size).toBe(sizes.reduce((a, b) => a + b));
+    expect(index.metadata.total_size).toBe(source.names().reduce((n, name) => n + source.tensor(name).byteLength, 0));
+    // Each shard stays under the limit unless it holds a single larger tensor.
+    shards.forEach((f, i) => expect(sizes[i]! <= 60_000 || headerOf(path.join(out, f)).tensors.size === 1).toBe(true));
+    expect(Object.keys(index.weight_map)).toEqual([...source.names()].sort());
+    for (const f of shards) for (const name of headerOf(path.join(out, f)).tensors.keys()) expect(index.weight_map[name]).toBe(f);
+    expect(fileOrder(out)).toEqual(fileOrder(ITM));
+    const saved = tensorsOf(out);
+    for (const name of source.names()) if (name !== "qformer.layernorm.weight") expect(readTensorBytes(saved.get(name)!).equals(readTensorBytes(source.tensor(name))), name).toBe(true);
+    expect(JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8")).note).toBe("replaced");
+  });
+
+  it("writes a trained tensor back in its source dtype (float16, bfloat16 rounded to nearest even)", () => {
+    const values = Float32Array.from([1, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -2.5, 65504, 1e-8]);
+    expect([...new Uint16Array(encodeFloats(values, "BF16", "x").slice().buffer)]).toEqual([0x3f80, 0x3f80, 0x3f82, 0xc020, 0x4780, 0x322c]);
+    expect([...new Uint16Array(encodeFloats(values, "F16", "x").slice().buffer)]).toEqual([0x3c00, 0x3c04, 0x3c0c, 0xc100, 0x7bff, 0x0000]);
+
+    // A source whose tensors are float16: a trained one stays float16, a new one is float32.
+    const half = fresh("half");
+    const source = Checkpoint.open(ITM);
+    const f16 = new Map([...source.names()].map((n) => [n, { shape: source.tensor(n).shape, data: readTensorF32(source.tensor(n)) }] as const));
+    saveHalf(source, half, f16);
+    const halfCkpt = Checkpoint.open(half);
+    expect(halfCkpt.tensor("query_tokens").dtype).toBe("F16");
+    const out = fresh();
+    const queries = Float32Array.from({ length: 128 }, (_, i) => i / 7);
+    saveCheckpoint({ source: halfCkpt, out, trained: new Map([["query_tokens", { shape: [1, 4, 32], data: queries }], ["temp", { shape: [], data: Float32Array.of(0.07) }]]) });
+    const saved = tensorsOf(out);
+    expect(saved.get("query_tokens")!.dtype).toBe("F16");
+    expect(readTensorBytes(saved.get("query_tokens")!).equals(Buffer.from(encodeFloats(queries, "F16", "q")))).toBe(true);
+    expect(saved.get("temp")!.dtype).toBe("F32");
+    expect(readTensorF32(saved.get("temp")!)[0]).toBeCloseTo(0.07, 7);
+    // The new tensor sits where its name sorts among the source's (alphabetical) tensors.
+    expect(fileOrder(out)).toEqual([...fileOrder(half), "temp"].sort());
+  });
+});
+
+/** A copy of `source` with every tensor stored as float16, written by the module under test. */
+function saveHalf(source: Checkpoint, out: string, values: Map<string, TensorValue>): void {
+  fs.mkdirSync(out);
+  fs.copyFileSync(source.file("config.json"), path.join(out, "config.json"));
+  const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
+  const chunks: Buffer[] = [];
+  let offset = 0;
+  for (const name of [...values.keys()].sort()) {
+    const bytes = Buffer.from(encodeFloats(values.get(name)!.data, "F16", name));
+    header[name] = { dtype: "F16", shape: values.get(name)!.shape, data_offsets: [offset, offset + bytes.length] };
+    chunks.push(bytes);
+    offset += bytes.length;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  fs.writeFileSync(path.join(out, "model.safetensors"), Buffer.concat([len, json, ...chunks]));
+}
+
+describe("checkOutDir: where a run may write", () => {
+  const identity = { stage: 1, source: "abc", data: "train.jsonl" };
+
+  it("accepts a missing or empty folder, and an earlier run of the same training (keys in any order)", () => {
+    expect(checkOutDir(fresh(), identity)).toBe("new");
+    const empty = fresh();
+    fs.mkdirSync(empty);
+    expect(checkOutDir(empty, identity)).toBe("new");
+    const earlier = fresh();
+    saveCheckpoint({ source: Checkpoint.open(ITM), out: earlier, trained: layernorm(1), state: state(3, identity) });
+    expect(checkOutDir(earlier, { data: "train.jsonl", source: "abc", stage: 1 })).toBe("resume");
+    expect(openTrainingOutput(earlier, identity)!.json).toEqual(state(3).json);
+    expect(openTrainingOutput(empty, identity)).toBeNull();
+  });
+
+  it("refuses anything else, saying what is there, and writes nothing", () => {
+    const earlier = fresh();
+    saveCheckpoint({ source: Checkpoint.open(ITM), out: earlier, trained: layernorm(1), state: state(3, identity) });
+    const before = fs.readdirSync(earlier).map((f) => fs.readFileSync(path.join(earlier, f)));
+    expect(() => checkOutDir(earlier, { ...identity, stage: 2, data: "other.jsonl" })).toThrow(
+      `${earlier}: holds an earlier run of another training (data: "train.jsonl" there, "other.jsonl" here; stage: 1 there, 2 here); nothing was written`,
+    );
+    expect(fs.readdirSync(earlier).map((f) => fs.readFileSync(path.join(earlier, f)))).toEqual(before);
+
+    expect(() => checkOutDir(ITM, identity)).toThrow(/hf-4.45\/itm: holds added_tokens.json, config.json, model.safetensors, preprocessor_config.json, … \(10 entries\) and no trainer_state.json, so it is not an earlier run of this training; nothing was written/);
+    const file = path.join(scratch, "a-file");
+    fs.writeFileSync(file, "x");
+    expect(() => checkOutDir(file, identity)).toThrow(`${file}: is a file, not a folder; nothing was written`);
+    const bad = fresh();
+    fs.mkdirSync(bad);
+    fs.writeFileSync(path.join(bad, "trainer_state.json"), "{ not json");
+    expect(() => checkOutDir(bad, identity)).toThrow(`${path.join(bad, "trainer_state.json")}: not valid JSON; it is not a trainer state written by blip2`);
+    // Without an identity (blip2 compose) only a missing or empty folder will do.
+    expect(() => checkOutDir(earlier, null)).toThrow(/is not empty \(holds .*\); nothing was written \(choose another --out or an empty folder\)/);
+  });
+});
+
+describe("a save that fails or is killed leaves the previous checkpoint", () => {
+  it("a full disk: one clear error naming the folder, the previous checkpoint intact, nothing partial left", () => {
+    const source = Checkpoint.open(ITM);
+    const out = fresh();
+    saveCheckpoint({ source, out, trained: layernorm(1), state: state(1) });
+    const before = new Map(fs.readdirSync(out).map((f) => [f, fs.readFileSync(path.join(out, f))]));
+    let writes = 0;
+    const original = fs.writeSync;
+    vi.spyOn(fs, "writeSync").mockImplementation(((...args: Parameters<typeof fs.writeSync>) => {
+      if (++writes > 20) throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+      return (original as (...a: unknown[]) => number)(...args);
+    }) as typeof fs.writeSync);
+    expect(() => saveCheckpoint({ source, out, trained: layernorm(2), state: state(2) })).toThrow(
+      new RegExp(`^${out.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: the disk is full \\(ENOSPC\\) while saving the checkpoint \\(.*\\); nothing was saved and the checkpoint already there is intact$`),
+    );
+    expect(writes).toBeGreaterThan(20);
+    vi.restoreAllMocks();
+    expect(new Map(fs.readdirSync(out).map((f) => [f, fs.readFileSync(path.join(out, f))]))).toEqual(before);
+    expect(siblings(out)).toEqual([]);
+    expect(loadTrainerState(out).json).toEqual(state(1).json);
+  });
+
+  it("a full disk on a first save leaves no folder at all", () => {
+    const out = fresh();
+    vi.spyOn(fs, "writeSync").mockImplementation(() => {
+      throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+    });
+    expect(() => saveCheckpoint({ source: Checkpoint.open(ITM), out, trained: layernorm(2) })).toThrow(/the disk is full \(ENOSPC\).*no folder was left$/);
+    expect(fs.existsSync(out)).toBe(false);
+    expect(siblings(out)).toEqual([]);
+  });
+
+  it("refuses up front when the disk has less free space than the checkpoint needs", () => {
+    const out = fresh();
+    vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 10, bsize: 4096 } as fs.StatsFs);
+    expect(() => saveCheckpoint({ source: Checkpoint.open(ITM), out, trained: layernorm(2) })).toThrow(`${out}: not enough disk space to save the checkpoint: 231733 bytes needed (the previous checkpoint is replaced only once the new one is complete), 40960 bytes free; nothing was saved`);
+    expect(fs.existsSync(out)).toBe(false);
+    expect(siblings(out)).toEqual([]);
+  });
+
+  // A child process saves over a first checkpoint and is killed (SIGKILL) at a chosen point:
+  // during the writes, or at one of the renames of the swap (1: tmp → new, 2: out → old, 3: new → out).
+  const killedSave = async (out: string, killAt: { write?: number; rename?: number }) => {
+    const script = path.join(scratch, `child-${++counter}.ts`);
+    const src = path.resolve(fixture(), "..", "..", "src");
+    fs.writeFileSync(
+      script,
+      `import fs from "node:fs";
+import { Checkpoint } from ${JSON.stringify(path.join(src, "io", "checkpoint.ts"))};
+import { saveCheckpoint } from ${JSON.stringify(path.join(src, "train", "checkpoint.ts"))};
+const killAt = ${JSON.stringify(killAt)};
+let writes = 0, renames = 0;
+const write = fs.writeSync, rename = fs.renameSync;
+fs.writeSync = (...a) => { if (++writes === killAt.write) process.kill(process.pid, "SIGKILL"); return write(...a); };
+fs.renameSync = (...a) => { if (++renames === killAt.rename) process.kill(process.pid, "SIGKILL"); return rename(...a); };
+const trained = new Map([["qformer.layernorm.weight", { shape: [32], data: new Float32Array(32).fill(2) }]]);
+saveCheckpoint({ source: Checkpoint.open(${JSON.stringify(ITM)}), out: ${JSON.stringify(out)}, trained, state: { identity: "id", json: { step: 2 }, tensors: new Map() } });
+`,
+    );
+    const err = await promisify(execFile)(process.execPath, ["--import", "tsx", script]).catch((e) => e);
+    expect(err.signal).toBe("SIGKILL");
+  };
+  const stepOf = (out: string) => (loadTrainerState(out).json as { step: number }).step;
+  const layernormOf = (out: string) => readTensorF32(Checkpoint.open(out).tensor("qformer.layernorm.weight"))[0];
+  const first = (out: string) => saveCheckpoint({ source: Checkpoint.open(ITM), out, trained: layernorm(1), state: { identity: "id", json: { step: 1 }, tensors: new Map() } });
+
+  it("killed while writing: the previous checkpoint stays, the partial folder is removed at the next open", async () => {
+    const out = fresh();
+    first(out);
+    await killedSave(out, { write: 40 });
+    expect(siblings(out)).toEqual([expect.stringMatching(/\.tmp-\d+$/)]);
+    expect(stepOf(out)).toBe(1);
+    expect(layernormOf(out)).toBe(1);
+    expect(siblings(out)).toEqual([]);
+  });
+
+  it("killed between the renames of the swap: the next open completes the save (the new checkpoint is complete)", async () => {
+    for (const rename of [2, 3]) {
+      const out = fresh();
+      first(out);
+      await killedSave(out, { rename });
+      expect(fs.existsSync(out)).toBe(rename === 2); // at 3, out was already moved aside
+      expect(stepOf(out)).toBe(2);
+      expect(layernormOf(out)).toBe(2);
+      expect(siblings(out)).toEqual([]);
+    }
+  });
+
+  it("killed before its complete folder was renamed: the previous checkpoint stays", async () => {
+    const out = fresh();
+    first(out);
+    await killedSave(out, { rename: 1 });
+    expect(checkOutDir(out, "id")).toBe("resume");
+    expect(stepOf(out)).toBe(1);
+    expect(siblings(out)).toEqual([]);
+  });
+});
+
+describe("stage1Extras", () => {
+  it("on Hugging Face's retrieval checkpoint: [DEC], the ITG head and temp, as the stage-1 fixture has them", async () => {
+    const source = Checkpoint.open(ITM);
+    const extras = await stage1Extras(source, new Rng(0));
+    expect(extras.decTokenId).toBe(101);
+    expect(extras.notice).toMatch(/^added \[DEC\] \(token 101, a new row of embeddings.word_embeddings.weight: 102 rows\), the ITG head and temp \(0.07\): /);
+    const out = fresh();
+    saveCheckpoint({ source, out, trained: extras.tensors, config: extras.config, files: extras.files });
+
+    const reference = fixture("train", "stage1-itm");
+    const shapes = (dir: string) => new Map([...tensorsOf(dir)].map(([n, t]) => [n, t.shape]));
+    expect(shapes(out)).toEqual(shapes(reference));
+    expect(fileOrder(out)).toEqual(fileOrder(reference));
+    const { _name_or_path: _, ...expectedConfig } = JSON.parse(fs.readFileSync(path.join(reference, "config.json"), "utf8"));
+    expect(JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8"))).toEqual(expectedConfig);
+    for (const f of ["added_tokens.json", "tokenizer_config.json"]) expect(JSON.parse(fs.readFileSync(path.join(out, f), "utf8")), f).toEqual(JSON.parse(fs.readFileSync(path.join(reference, f), "utf8")));
+
+    const [mine, theirs] = await Promise.all([Blip2Tokenizer.fromDirectory(out), Blip2Tokenizer.fromDirectory(reference)]);
+    expect(mine.bosTokenId).toBe(101);
+    expect(mine.tokenToId("[DEC]")).toBe(101);
+    expect(mine.vocabSize).toBe(theirs.vocabSize);
+    for (const text of ["[DEC] a photo of a cat", "<image> two dogs", "hello world"]) expect(mine.encode(text)).toEqual(theirs.encode(text));
+
+    // Fresh values: BERT init (normal(0, 0.02) weights, zero biases, LayerNorm 1/0), temp 0.07.
+    const saved = tensorsOf(out);
+    const values = (n: string) => readTensorF32(saved.get(n)!);
+    const dense = values("cls.predictions.transform.dense.weight");
+    const std = Math.sqrt(dense.reduce((s, x) => s + x * x, 0) / dense.length);
+    expect(std).toBeGreaterThan(0.018);
+    expect(std).toBeLessThan(0.022);
+    expect(Math.abs(dense.reduce((s, x) => s + x, 0) / dense.length)).toBeLessThan(0.002);
+    for (const n of ["cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.bias", "cls.predictions.bias"]) expect(values(n).every((x) => x === 0), n).toBe(true);
+    expect(values("cls.predictions.transform.LayerNorm.weight").every((x) => x === 1)).toBe(true);
+    expect(values("temp")).toEqual(Float32Array.of(0.07));
+    const words = readTensorBytes(saved.get("embeddings.word_embeddings.weight")!);
+    expect(words.subarray(0, 101 * 32 * 4).equals(readTensorBytes(source.tensor("embeddings.word_embeddings.weight")))).toBe(true);
+    const row = new Float32Array(words.buffer.slice(words.byteOffset + 101 * 128, words.byteOffset + 102 * 128));
+    expect(row.some((x) => x !== 0) && row.every((x) => Math.abs(x) < 0.1)).toBe(true);
+
+    // Seeded: the same seed draws the same values.
+    const again = await stage1Extras(source, new Rng(0));
+    expect(again.tensors.get("cls.predictions.transform.dense.weight")!.data).toEqual(extras.tensors.get("cls.predictions.transform.dense.weight")!.data);
+  });
+
+  it("on the stage-1 fixture itself: nothing is missing, no notice", async () => {
+    const extras = await stage1Extras(Checkpoint.open(fixture("train", "stage1-itm")), new Rng(0));
+    expect(extras).toEqual({ decTokenId: 101, tensors: new Map(), config: undefined, files: {}, notice: null });
+  });
+
+  it("refuses a checkpoint that is not a retrieval one", async () => {
+    await expect(stage1Extras(Checkpoint.open(fixture("hf-4.45", "opt")), new Rng(0))).rejects.toThrow(/hf-4.45\/opt: stage 1 trains a Blip2ForImageTextRetrieval checkpoint .*config.json says Blip2ForConditionalGeneration/);
+  });
+});
