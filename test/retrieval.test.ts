@@ -3,8 +3,10 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import sharp from "sharp";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { Blip2ForImageTextRetrieval } from "../src/index.js";
+import { RetrievalRuntime } from "../src/runtime/retrievalRuntime.js";
+import { tensor } from "../src/runtime/session.js";
 import { topK } from "../src/search/itcMatrix.js";
 import { cli, copyFixture, expectClose, fixture, loadReference } from "./helpers.js";
 
@@ -79,6 +81,29 @@ describe("tiny-blip2-itm: ITC over 2 images x 3 texts", () => {
     expect(model.tokenize(tinyMeta.texts)[0]).toEqual(tinyMeta.itc3_input_ids);
     const itc = await model.similarity([fixture("image0.png"), fixture("image1.png")], tinyMeta.texts);
     expectClose("itc3.logits_per_image", { shape: [2, 3], data: flat(itc) }, ref.get("itc3.logits_per_image")!);
+  });
+});
+
+describe("tiny-blip2-itm: ITM over 2 images x 3 texts", () => {
+  it("sends each image once, not once per text, with the logits of a run over copied pairs", async () => {
+    const model = await Blip2ForImageTextRetrieval.fromPretrained(fixture("tiny-blip2-itm"));
+    models.push(model);
+    const images = [fixture("image0.png"), fixture("image1.png")];
+    const [features] = await model.imageFeatures(images);
+    const [b, n, d] = features!.dims as [number, number, number];
+    const itm = vi.spyOn(RetrievalRuntime.prototype, "itm");
+    const { logits } = await model.match(images, tinyMeta.texts);
+    // One run per image, each with that image alone: the image data sent does not grow with the texts.
+    expect(itm.mock.calls.map(([embeds, ids]) => [...embeds.dims, ids.length])).toEqual([[1, n, d, 3], [1, n, d, 3]]);
+    itm.mockRestore();
+    // Every (image, text) pair copied out, as transformers runs them.
+    const [ids, mask] = model.tokenize(tinyMeta.texts);
+    const src = features!.data as Float32Array;
+    const pairs = new Float32Array(b * 3 * n * d);
+    for (let i = 0; i < b; i++) for (let t = 0; t < 3; t++) pairs.set(src.subarray(i * n * d, (i + 1) * n * d), (i * 3 + t) * n * d);
+    const runtime = (model as unknown as { runtime: RetrievalRuntime }).runtime;
+    const copied = await runtime.itm(tensor.f32(pairs, [b * 3, n, d]), [...ids, ...ids], [...mask, ...mask]);
+    expectClose("itm logits", { shape: [b * 3, 2], data: flat(logits) }, { shape: copied.itm_logits!.dims as number[], data: copied.itm_logits!.data as Float32Array }, 1e-5);
   });
 });
 

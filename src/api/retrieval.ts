@@ -8,6 +8,7 @@ import { Blip2Error } from "../errors.js";
 import type { ImageInput } from "../image/decode.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Processor } from "../processor.js";
+import { rowView } from "../runtime/kvCache.js";
 import { itcSimilarity, RetrievalRuntime } from "../runtime/retrievalRuntime.js";
 import { tensor } from "../runtime/session.js";
 import { warnOnce } from "../warn.js";
@@ -76,15 +77,18 @@ export class Blip2ForImageTextRetrieval {
     return { logits, probability: logits.map((row) => row.map(([no, yes]) => 1 / (1 + Math.exp(no - yes)))) };
   }
 
-  /** ITM logits of each image's vision features [B, N, D] against every tokenized text. */
+  /**
+   * ITM logits of each image's vision features [B, N, D] against every tokenized text: one run per
+   * image, which the graph broadcasts over the texts (see itmGraph), so memory grows with the
+   * texts' tokens only.
+   */
   async matchFeatures(features: ort.Tensor, ids: number[][], mask: number[][]): Promise<[number, number][][]> {
-    const [b, n, d] = features.dims as [number, number, number];
-    const src = features.data as Float32Array;
-    const pairs = new Float32Array(b * ids.length * n * d);
-    for (let i = 0; i < b; i++) for (let t = 0; t < ids.length; t++) pairs.set(src.subarray(i * n * d, (i + 1) * n * d), (i * ids.length + t) * n * d);
-    const repeat = <T>(rows: T[]) => Array.from({ length: b }, () => rows).flat();
-    const out = (await this.runtime.itm(tensor.f32(pairs, [b * ids.length, n, d]), repeat(ids), repeat(mask))).itm_logits!.data as Float32Array;
-    return Array.from({ length: b }, (_, i) => Array.from({ length: ids.length }, (_, t) => [out[(i * ids.length + t) * 2]!, out[(i * ids.length + t) * 2 + 1]!] as [number, number]));
+    const rows: [number, number][][] = [];
+    for (let i = 0; i < features.dims[0]!; i++) {
+      const out = (await this.runtime.itm(rowView(features, i, 1), ids, mask)).itm_logits!.data as Float32Array;
+      rows.push(Array.from({ length: ids.length }, (_, t) => [out[t * 2]!, out[t * 2 + 1]!]));
+    }
+    return rows;
   }
 
   /** Vision features of images [B, N, D] (what ITM cross-attends to), in batches. */

@@ -47,17 +47,22 @@ export function retrievalTextGraph(ckpt: Checkpoint, options: GraphOptions = {})
   return g;
 }
 
-/** (image embeddings, text) pairs -> ITM [no-match, match] logits averaged over the queries. */
+/**
+ * (image embeddings, text) pairs -> ITM [no-match, match] logits averaged over the queries. The
+ * image embeddings are one per text, or one for every text (`images` 1): the cross-attention then
+ * projects that image once and broadcasts it, so matching an image against many texts takes no
+ * copy of it per text.
+ */
 export function itmGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph {
   const cfg = ckpt.config;
   const g = new Graph("itm", options.target);
   const root = new Params(g, ckpt);
   const patches = (cfg.vision.imageSize / cfg.vision.patchSize) ** 2 + 1;
-  const imageEmbeds = g.input("image_embeds", "float32", ["batch", patches, cfg.vision.hiddenSize]);
+  const imageEmbeds = g.input("image_embeds", "float32", ["images", patches, cfg.vision.hiddenSize]);
   const ids = g.input("input_ids", "int64", ["batch", "length"]);
   const mask = g.input("attention_mask", "int64", ["batch", "length"]);
   const q = cfg.numQueryTokens;
-  const queryTokens = expandToBatch(root.get("query_tokens", [1, q, cfg.qformer.hiddenSize]), imageEmbeds);
+  const queryTokens = expandToBatch(root.get("query_tokens", [1, q, cfg.qformer.hiddenSize]), ids);
   // Queries are never padding: their mask is all ones.
   const queryMask = expandToBatch(g.constant(new BigInt64Array(q).fill(1n), "int64", [1, q]), mask);
   const out = qformer(root.at("qformer"), cfg.qformer, {

@@ -33,7 +33,7 @@ export class RetrievalRuntime {
     return s.run({ input_ids: tensor.i64(inputIds.flat(), dims), attention_mask: tensor.i64(attentionMask.flat(), dims) });
   }
 
-  /** ITM logits [P, 2] for P (image features, text) pairs, one image feature tensor per pair. */
+  /** ITM logits [P, 2] for P texts and their image features: one per text, or one for all of them ([1, N, D]). */
   async itm(imageEmbeds: ort.Tensor, inputIds: number[][], attentionMask: number[][]): Promise<Tensors> {
     const s = await this.sessions.get("itm", (target) => itmGraph(this.checkpoint, { target }));
     const dims = [inputIds.length, inputIds[0]!.length];
