@@ -1,0 +1,175 @@
+/**
+ * One training step's forward and backward for each stage: the graph for the batch's shape
+ * (compiled once per shape), the trained tensors fed from the trainer's float32 master copies, the
+ * loss terms and gradients read back.
+ */
+import * as ort from "onnxruntime-node";
+import type { Checkpoint } from "../io/checkpoint.js";
+import type { Graph } from "../ir/graph.js";
+import { CompiledGraph, type RuntimeOptions } from "../runtime/session.js";
+import { shiftedTargets } from "./losses.js";
+import type { Rng } from "./rng.js";
+import { itcGraph, multimodalCausalBias, stage1Graph, type Stage1Shape } from "./stage1.js";
+import { stage2Feeds, stage2Graph, type Stage2Batch, type Stage2Shape } from "./stage2.js";
+
+export interface StepOutput {
+  /** `loss` and, in stage 1, `loss_itc`, `loss_itm`, `loss_itg`. */
+  losses: Record<string, number>;
+  /** d loss / d tensor for every trained tensor, by checkpoint name. */
+  grads: Map<string, Float32Array>;
+  /** The graph's other outputs (similarities, logits). */
+  outputs: Record<string, ort.Tensor>;
+}
+
+/** Stage 1's hard negatives: for each text an image, for each image a text (batch indices). */
+export interface Negatives {
+  imageForText: number[];
+  textForImage: number[];
+}
+
+/** One stage-1 batch as Q-Former token ids ([CLS] first, padded to one length). */
+export interface Stage1Batch {
+  inputIds: number[][];
+  attentionMask: number[][];
+  /** Replaces [CLS] for ITG (the tokenizer's bos_token). */
+  decTokenId: number;
+  padTokenId: number;
+}
+
+/** Compiled graphs by shape, built on first use. */
+class GraphsByShape {
+  private readonly compiled = new Map<string, Promise<{ graph: Graph; session: CompiledGraph }>>();
+
+  constructor(private readonly runtime: RuntimeOptions) {}
+
+  get(key: string, build: () => Graph): Promise<{ graph: Graph; session: CompiledGraph }> {
+    let hit = this.compiled.get(key);
+    if (!hit) {
+      hit = (async () => {
+        const graph = build();
+        return { graph, session: await CompiledGraph.create(graph, { worker: false, ...this.runtime }) };
+      })();
+      this.compiled.set(key, hit);
+    }
+    return hit;
+  }
+
+  async release(): Promise<void> {
+    const all = [...this.compiled.values()];
+    this.compiled.clear();
+    await Promise.all(all.map(async (c) => (await c).session.release()));
+  }
+}
+
+async function runTraining(graph: Graph, session: CompiledGraph, feeds: Record<string, ort.Tensor>, params: ReadonlyMap<string, Float32Array>): Promise<StepOutput> {
+  for (const [name, v] of graph.trained) {
+    const value = params.get(name);
+    if (!value) throw new Error(`internal: no value for trained tensor ${name}`);
+    feeds[name] = new ort.Tensor("float32", value, v.shape as number[]);
+  }
+  const out = await session.run(feeds);
+  const losses: Record<string, number> = {};
+  const grads = new Map<string, Float32Array>();
+  const outputs: Record<string, ort.Tensor> = {};
+  for (const [key, t] of Object.entries(out)) {
+    if (key.startsWith("grad.")) grads.set(key.slice(5), t.data as Float32Array);
+    else if (key === "loss" || key.startsWith("loss_")) losses[key] = Number(t.data[0]);
+    else outputs[key] = t;
+  }
+  return { losses, grads, outputs };
+}
+
+const int64 = (rows: number[][]) => new ort.Tensor("int64", BigInt64Array.from(rows.flat().map(BigInt)), [rows.length, rows[0]!.length]);
+const vector = (xs: number[]) => new ort.Tensor("int64", BigInt64Array.from(xs.map(BigInt)), [xs.length]);
+
+export class Stage1Step {
+  private readonly graphs: GraphsByShape;
+
+  constructor(
+    readonly checkpoint: Checkpoint,
+    runtime: RuntimeOptions = {},
+  ) {
+    this.graphs = new GraphsByShape(runtime);
+  }
+
+  /**
+   * Loss terms and gradients for a batch. `negatives`: given, or drawn with `rng` from the ITC
+   * similarities (LAVIS: softmax of each row with its own pair masked out).
+   */
+  async run(batch: Stage1Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, negatives: Negatives | Rng, options: { logits?: boolean } = {}): Promise<StepOutput> {
+    const shape: Stage1Shape = { batch: batch.inputIds.length, length: batch.inputIds[0]!.length };
+    const text = { image_features: features, input_ids: int64(batch.inputIds), attention_mask: int64(batch.attentionMask) };
+    let chosen: Negatives;
+    if ("imageForText" in negatives) {
+      chosen = negatives;
+    } else {
+      const itc = await this.graphs.get(`itc ${shape.batch}x${shape.length}`, () => itcGraph(this.checkpoint, shape));
+      const sims = await runTraining(itc.graph, itc.session, { ...text }, params);
+      chosen = drawNegatives(sims.outputs.sim_i2t!.data as Float32Array, sims.outputs.sim_t2i!.data as Float32Array, shape.batch, negatives);
+    }
+    const q = this.checkpoint.config.numQueryTokens;
+    const decoderIds = batch.inputIds.map((row) => [batch.decTokenId, ...row.slice(1)]);
+    const labels = decoderIds.map((row, i) => row.map((id, j) => (batch.attentionMask[i]![j] === 0 || id === batch.padTokenId ? -100 : id)));
+    const itg = shiftedTargets(labels);
+    const key = `stage1 ${shape.batch}x${shape.length}${options.logits ? " logits" : ""}`;
+    const { graph, session } = await this.graphs.get(key, () => stage1Graph(this.checkpoint, shape, options));
+    const out = await runTraining(graph, session, {
+      ...text,
+      decoder_input_ids: int64(decoderIds),
+      itg_bias: new ort.Tensor("float32", multimodalCausalBias(batch.attentionMask, q), [shape.batch, 1, q + shape.length, q + shape.length]),
+      itg_targets: new ort.Tensor("int64", itg.targets, itg.shape),
+      itg_weights: new ort.Tensor("float32", itg.weights, itg.shape),
+      image_for_text: vector(chosen.imageForText),
+      text_for_image: vector(chosen.textForImage),
+    }, params);
+    out.outputs.image_for_text = vector(chosen.imageForText);
+    out.outputs.text_for_image = vector(chosen.textForImage);
+    return out;
+  }
+
+  release(): Promise<void> {
+    return this.graphs.release();
+  }
+}
+
+/**
+ * Hard negatives from the ITC similarities [B, B]: for text i an image drawn from
+ * softmax(sim_t2i[i]) with its own image excluded, for image i a text from softmax(sim_i2t[i]) likewise.
+ */
+export function drawNegatives(simI2t: Float32Array, simT2i: Float32Array, batch: number, rng: Rng): Negatives {
+  const draw = (sim: Float32Array) =>
+    Array.from({ length: batch }, (_, i) => {
+      const row = Array.from(sim.subarray(i * batch, (i + 1) * batch));
+      row[i] = -10000;
+      const top = Math.max(...row);
+      const weights = row.map((s) => Math.exp(s - top));
+      return batch === 1 ? 0 : rng.multinomial(weights);
+    });
+  const imageForText = draw(simT2i);
+  const textForImage = draw(simI2t);
+  return { imageForText, textForImage };
+}
+
+export class Stage2Step {
+  private readonly graphs: GraphsByShape;
+
+  constructor(
+    readonly checkpoint: Checkpoint,
+    runtime: RuntimeOptions = {},
+  ) {
+    this.graphs = new GraphsByShape(runtime);
+  }
+
+  async run(batch: Stage2Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>): Promise<StepOutput> {
+    const { shape, feeds } = stage2Feeds(this.checkpoint.config, batch);
+    const key = `stage2 ${shapeKey(shape)}`;
+    const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape));
+    return runTraining(graph, session, { ...feeds, image_features: features }, params);
+  }
+
+  release(): Promise<void> {
+    return this.graphs.release();
+  }
+}
+
+const shapeKey = (s: Stage2Shape) => `${s.batch}x${s.length}x${s.targetLength ?? 0}`;
