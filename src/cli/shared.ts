@@ -29,7 +29,7 @@ export const modelHelp = [
   "--image-backend B        torchvision (transformers 5 resizing, default) or pil (transformers 4)",
   "--no-packed-cache        with q8/q4 on the CPU, pack the weights in memory at each load instead of",
   "                         mapping the packed copy kept in the blip2 cache (slower load, more",
-  "                         private memory; decoding up to 19% faster on this project's VM)",
+  "                         private memory; decoding can be faster: docs/performance.md)",
   "--quiet, -q              no progress bars",
 ];
 
