@@ -12,10 +12,12 @@ import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
 import { Checkpoint } from "../src/io/checkpoint.js";
 import { readSafetensorsHeader, readTensorBytes, readTensorF32 } from "../src/io/safetensors.js";
 import { Blip2Tokenizer } from "../src/tokenizer/tokenizer.js";
-import { checkOutDir, encodeFloats, loadTrainerState, openTrainingOutput, saveCheckpoint, type TensorValue, type TrainerState } from "../src/train/checkpoint.js";
+import { Blip2 } from "../src/index.js";
+import { checkOutDir, encodeFloats, loadTrainerState, openTrainingOutput, saveCheckpoint, writeModelFolder, type TensorValue, type TrainerState } from "../src/train/checkpoint.js";
+import { composeStage2 } from "../src/train/compose.js";
 import { stage1Extras } from "../src/train/extras.js";
 import { Rng } from "../src/train/rng.js";
-import { fixture } from "./helpers.js";
+import { cli, fixture } from "./helpers.js";
 
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-ckpt-"));
 afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));
@@ -328,5 +330,184 @@ describe("stage1Extras", () => {
 
   it("refuses a checkpoint that is not a retrieval one", async () => {
     await expect(stage1Extras(Checkpoint.open(fixture("hf-4.45", "opt")), new Rng(0))).rejects.toThrow(/hf-4.45\/opt: stage 1 trains a Blip2ForImageTextRetrieval checkpoint .*config.json says Blip2ForConditionalGeneration/);
+  });
+});
+
+describe("blip2 compose", () => {
+  const OPT = fixture("hf-4.45", "opt");
+  const T5 = fixture("hf-4.45", "t5");
+  const readJson = (...p: string[]) => JSON.parse(fs.readFileSync(path.join(...p), "utf8"));
+  const without = (obj: Record<string, unknown>, ...keys: string[]) => Object.fromEntries(Object.entries(obj).filter(([k]) => !keys.includes(k)));
+
+  /**
+   * The language model inside a BLIP-2 fixture as Hugging Face publishes one: its `language_model.*`
+   * tensors without the prefix (sharded when asked), its text_config as config.json, its tokenizer
+   * without `<image>`, no generation_config.json. `edit` may change the tensors and the config.
+   */
+  function languageModelFolder(blip2: string, options: { maxShardBytes?: number; edit?: (tensors: Map<string, TensorValue>, config: Record<string, unknown>) => void } = {}): string {
+    const dir = fresh("lm");
+    const ckpt = Checkpoint.open(blip2);
+    const tensors = new Map<string, TensorValue>();
+    for (const name of ckpt.names().filter((n) => n.startsWith("language_model."))) tensors.set(name.slice("language_model.".length), { shape: ckpt.tensor(name).shape, data: readTensorF32(ckpt.tensor(name)) });
+    const t5 = ckpt.config.text.modelType === "t5";
+    // Hub T5 files may also hold the encoder's and decoder's copies of the tied embeddings.
+    if (t5) for (const copy of ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]) tensors.set(copy, tensors.get("shared.weight")!);
+    const config = { architectures: [t5 ? "T5ForConditionalGeneration" : "OPTForCausalLM"], ...readJson(blip2, "config.json").text_config };
+    options.edit?.(tensors, config);
+    const entries = [...tensors].sort(([a], [b]) => (a < b ? -1 : 1)).map(([name, v]) => ({ name, dtype: "F32" as const, shape: v.shape, bytes: encodeFloats(v.data, "F32", name) }));
+    const files: Record<string, string | { copy: string }> = { "config.json": JSON.stringify(config) };
+    for (const f of ["vocab.json", "merges.txt", "spiece.model"]) if (fs.existsSync(path.join(blip2, f))) files[f] = { copy: path.join(blip2, f) };
+    const imageId = String(ckpt.config.imageTokenIndex);
+    const tokenizerConfig = readJson(blip2, "tokenizer_config.json");
+    delete tokenizerConfig.added_tokens_decoder[imageId];
+    files["tokenizer_config.json"] = JSON.stringify(without(tokenizerConfig, "additional_special_tokens", "processor_class"));
+    files["special_tokens_map.json"] = JSON.stringify(without(readJson(blip2, "special_tokens_map.json"), "additional_special_tokens"));
+    writeModelFolder({ out: dir, tensors: entries, files, maxShardBytes: options.maxShardBytes });
+    return dir;
+  }
+
+  const bytesOf = (dir: string) => new Map([...tensorsOf(dir)].map(([n, t]) => [n, readTensorBytes(t)] as const));
+  const lmBytes = (dir: string) => {
+    const map = new Map<string, Buffer>();
+    const index = path.join(dir, "model.safetensors.index.json");
+    const files = fs.existsSync(index) ? [...new Set(Object.values(readJson(index).weight_map as Record<string, string>))] : ["model.safetensors"];
+    for (const f of files) for (const [n, t] of headerOf(path.join(dir, f)).tensors) map.set(n, readTensorBytes(t));
+    return map;
+  };
+
+  it.each([
+    ["OPT", OPT, {}],
+    ["T5 (sharded language model folder)", T5, { maxShardBytes: 40_000 }],
+  ] as const)("%s: transformers' conditional-generation layout, frozen tensors byte-identical, the tokenizer with <image>, and it captions", async (_, reference, lmOptions) => {
+    const lm = languageModelFolder(reference, lmOptions);
+    expect(fs.existsSync(path.join(lm, "model.safetensors.index.json"))).toBe("maxShardBytes" in lmOptions);
+    const out = fresh();
+    const r = await cli("compose", "--stage1", ITM, "--language-model", lm, "--out", out, "--seed", "3");
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(0);
+    const ref = Checkpoint.open(reference);
+    expect(r.stdout).toContain(`<image> is token ${ref.config.imageTokenIndex}\n`);
+    expect(r.stdout).toMatch(/left out from stage 1: embeddings, itm_head, text_projection, the Q-Former's text feed-forward, vision_projection\n$/);
+
+    // Every key and shape of transformers' own Blip2ForConditionalGeneration checkpoint, and no other.
+    const composed = Checkpoint.open(out);
+    const shapes = (c: Checkpoint) => new Map(c.names().map((n) => [n, c.tensor(n).shape]));
+    expect(shapes(composed)).toEqual(shapes(ref));
+    expect(composed.names()).toEqual([...composed.names()].sort());
+    const saved = bytesOf(out);
+    const stage1 = bytesOf(ITM);
+    const language = lmBytes(lm);
+    for (const [name, bytes] of saved) {
+      if (name.startsWith("language_projection.")) continue;
+      const source = name.startsWith("language_model.") ? language.get(name.slice("language_model.".length)) : stage1.get(name);
+      expect(source && bytes.equals(source), name).toBe(true);
+    }
+    const projection = readTensorF32(composed.tensor("language_projection.weight"));
+    const std = Math.sqrt(projection.reduce((s, x) => s + x * x, 0) / projection.length);
+    expect(std).toBeGreaterThan(0.018);
+    expect(std).toBeLessThan(0.022);
+    expect(readTensorF32(composed.tensor("language_projection.bias")).every((x) => x === 0)).toBe(true);
+
+    // config.json parses as the same architecture, with the stage-1 Q-Former's and vision encoder's settings.
+    const config = readJson(out, "config.json");
+    const expected = readJson(reference, "config.json");
+    const itmConfig = readJson(ITM, "config.json");
+    expect(without(config, "image_text_hidden_size", "qformer_config", "text_config")).toEqual(without(expected, "image_text_hidden_size", "qformer_config", "text_config", "transformers_version"));
+    expect(config.qformer_config).toEqual(without(itmConfig.qformer_config, "use_qformer_text_input"));
+    expect(without(config.text_config, "architectures")).toEqual(expected.text_config);
+    expect(config.vision_config).toEqual(itmConfig.vision_config);
+    expect(composed.config.text).toEqual(ref.config.text);
+
+    // The tokenizer and processor files as transformers saved them for the reference.
+    for (const f of ["added_tokens.json", "special_tokens_map.json", "processor_config.json"]) expect(readJson(out, f), f).toEqual(readJson(reference, f));
+    expect(readJson(out, "tokenizer_config.json")).toEqual(without(readJson(reference, "tokenizer_config.json"), "processor_class"));
+    expect(readJson(out, "generation_config.json")).toEqual(without(readJson(reference, "generation_config.json"), "transformers_version"));
+    expect(fs.readFileSync(path.join(out, "preprocessor_config.json"))).toEqual(fs.readFileSync(path.join(ITM, "preprocessor_config.json")));
+
+    const blip2 = await Blip2.load(out, { worker: false, threads: 1 });
+    try {
+      const inputs = await blip2.processor.process({ images: fixture("image0.png"), text: "a photo of" });
+      expect(inputs.inputIds[0]!.slice(0, 4)).toEqual(new Array(4).fill(ref.config.imageTokenIndex));
+      const [caption] = await blip2.captionAll([fixture("image0.png")], { maxNewTokens: 5, minNewTokens: 5 });
+      expect(caption!.ids.length).toBeGreaterThanOrEqual(5);
+      expect(caption!.ids.every((id) => id >= 0 && id < ref.config.text.vocabSize)).toBe(true);
+      expect(typeof caption!.text).toBe("string");
+    } finally {
+      await blip2.dispose();
+    }
+  });
+
+  it("the same seed composes the same checkpoint; the stage-1 fixture's extras are left out too", async () => {
+    const lm = languageModelFolder(OPT);
+    const [a, b] = [fresh(), fresh()];
+    for (const out of [a, b]) expect((await cli("compose", "--stage1", fixture("train", "stage1-itm"), "--language-model", lm, "--out", out)).code).toBe(0);
+    expect(bytesOf(a)).toEqual(bytesOf(b));
+    expect([...tensorsOf(a).keys()].sort()).toEqual([...tensorsOf(OPT).keys()].sort());
+  });
+
+  it("grows the language model's embeddings when <image> has no row yet (the new row is the others' mean)", async () => {
+    const lm = languageModelFolder(OPT, {
+      edit: (tensors, config) => {
+        const embed = tensors.get("model.decoder.embed_tokens.weight")!;
+        tensors.set("model.decoder.embed_tokens.weight", { shape: [354, 32], data: embed.data.slice(0, 354 * 32) });
+        config.vocab_size = 354;
+      },
+    });
+    const out = fresh();
+    const lines = await composeStage2({ stage1: ITM, languageModel: lm, out, rng: new Rng(1) });
+    expect(lines[1]).toMatch(/<image> is token 354, a new row of the language model's embeddings \(355 rows\)$/);
+    const composed = Checkpoint.open(out);
+    expect(composed.config.text.vocabSize).toBe(355);
+    expect(composed.config.imageTokenIndex).toBe(354);
+    const embed = readTensorF32(composed.tensor("language_model.model.decoder.embed_tokens.weight"));
+    const original = readTensorF32(Checkpoint.open(OPT).tensor("language_model.model.decoder.embed_tokens.weight"));
+    expect(embed.subarray(0, 354 * 32)).toEqual(original.subarray(0, 354 * 32));
+    for (let c = 0; c < 32; c++) {
+      let mean = 0;
+      for (let r = 0; r < 354; r++) mean += original[r * 32 + c]! / 354;
+      expect(embed[354 * 32 + c]).toBeCloseTo(mean, 6);
+    }
+  });
+
+  describe("bad input: one clear error, exit 1, nothing written", () => {
+    const refused = async (stage1: string, lm: string, message: string | RegExp, out = fresh()) => {
+      const before = fs.existsSync(out) ? fs.readdirSync(out) : null;
+      const r = await cli("compose", "--stage1", stage1, "--language-model", lm, "--out", out);
+      expect(r.code).toBe(1);
+      expect(r.stderr.split("\n")).toHaveLength(2); // one line
+      expect(r.stderr).toMatch(typeof message === "string" ? `blip2: error: ${message}\n` : message);
+      expect(fs.existsSync(out) ? fs.readdirSync(out) : null).toEqual(before);
+      expect(siblings(out)).toEqual([]);
+    };
+
+    it("a stage-1 folder that is not a retrieval checkpoint", async () => {
+      await refused(OPT, languageModelFolder(OPT), `${OPT}: config.json says Blip2ForConditionalGeneration; --stage1 must be a stage-1 checkpoint (Blip2ForImageTextRetrieval)`);
+    });
+
+    it("a language model of another architecture", async () => {
+      await refused(ITM, ITM, `${path.join(ITM, "config.json")}: model_type is "blip-2" (Blip2ForImageTextRetrieval); --language-model must be an OPTForCausalLM or T5ForConditionalGeneration folder`);
+      const bert = languageModelFolder(OPT, { edit: (_, config) => Object.assign(config, { model_type: "bert", architectures: ["BertForMaskedLM"] }) });
+      await refused(ITM, bert, /model_type is "bert" \(BertForMaskedLM\); --language-model must be/);
+      const encoder = languageModelFolder(T5, { edit: (tensors) => [...tensors.keys()].filter((n) => n.startsWith("decoder.")).forEach((n) => tensors.delete(n)) });
+      await refused(ITM, encoder, `${encoder}: no decoder.* tensors: a T5 encoder alone cannot generate (expected a T5ForConditionalGeneration folder)`);
+    });
+
+    it("a hidden-size mismatch between the language model's config and its weights", async () => {
+      const lm = languageModelFolder(OPT, { edit: (_, config) => Object.assign(config, { hidden_size: 64, word_embed_proj_dim: 64 }) });
+      await refused(ITM, lm, "model.safetensors: tensor model.decoder.embed_tokens.weight has shape [355, 32] but config.json's vocab_size and word_embed_proj_dim implies [355, 64]");
+      const t5 = languageModelFolder(T5, { edit: (_, config) => Object.assign(config, { num_heads: 8 }) });
+      await refused(ITM, t5, "model.safetensors: tensor encoder.block.0.layer.0.SelfAttention.q.weight has shape [32, 32] but config.json's num_heads × d_kv and d_model implies [64, 32]");
+    });
+
+    it("--out that is not empty, and a missing option", async () => {
+      const out = fresh();
+      fs.mkdirSync(out);
+      fs.writeFileSync(path.join(out, "notes.txt"), "mine");
+      await refused(ITM, languageModelFolder(OPT), `${out}: is not empty (holds notes.txt); nothing was written (choose another --out or an empty folder)`, out);
+      expect(fs.readFileSync(path.join(out, "notes.txt"), "utf8")).toBe("mine");
+      const usage = await cli("compose", "--stage1", ITM, "--out", fresh());
+      expect(usage.code).toBe(2);
+      expect(usage.stderr).toBe("blip2: error: compose: missing --language-model (see 'blip2 compose --help')\n");
+    });
   });
 });

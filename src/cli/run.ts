@@ -5,13 +5,14 @@ import { ask } from "./commands/ask.js";
 import { cache } from "./commands/cache.js";
 import { caption } from "./commands/caption.js";
 import { chat } from "./commands/chat.js";
+import { compose } from "./commands/compose.js";
 import { dump } from "./commands/dump.js";
 import { index } from "./commands/index.js";
 import { match } from "./commands/match.js";
 import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));
