@@ -213,6 +213,23 @@ describe("a save that fails or is killed leaves the previous checkpoint", () => 
     expect(siblings(out)).toEqual([]);
   });
 
+  it("a rename of the swap that fails puts the previous checkpoint back and leaves nothing partial", () => {
+    const source = Checkpoint.open(ITM);
+    const out = fresh();
+    saveCheckpoint({ source, out, trained: layernorm(1), state: state(1) });
+    const original = fs.renameSync;
+    let renames = 0;
+    vi.spyOn(fs, "renameSync").mockImplementation((from, to) => {
+      // 1: tmp → new, 2: out → old, 3: new → out
+      if (++renames === 3) throw Object.assign(new Error(`EACCES: permission denied, rename '${from}' -> '${to}'`), { code: "EACCES" });
+      original(from, to);
+    });
+    expect(() => saveCheckpoint({ source, out, trained: layernorm(2), state: state(2) })).toThrow(/: cannot save the checkpoint \(EACCES: permission denied, rename .*\); nothing was saved and the checkpoint already there is intact$/);
+    vi.restoreAllMocks();
+    expect(siblings(out)).toEqual([]);
+    expect(loadTrainerState(out).json).toEqual(state(1).json);
+  });
+
   it("refuses up front when the disk has less free space than the checkpoint needs", () => {
     const out = fresh();
     vi.spyOn(fs, "statfsSync").mockReturnValue({ bavail: 10, bsize: 4096 } as fs.StatsFs);

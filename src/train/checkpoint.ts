@@ -179,6 +179,7 @@ export function writeModelFolder(folder: ModelFolder): void {
   recoverInterruptedSave(out);
   const existed = fs.existsSync(out);
   const tmp = siblingName(out, "tmp", process.pid);
+  const complete = siblingName(out, "new", process.pid);
   const needed = bytesToWrite(folder);
   try {
     fs.mkdirSync(path.dirname(out), { recursive: true });
@@ -191,11 +192,10 @@ export function writeModelFolder(folder: ModelFolder): void {
     }
     if (folder.state) writeTrainerState(tmp, folder.state);
     syncDir(tmp);
-    const complete = siblingName(out, "new", process.pid);
     fs.renameSync(tmp, complete);
     swapIn(complete, out);
   } catch (err) {
-    fs.rmSync(tmp, { recursive: true, force: true });
+    for (const partial of [tmp, complete]) fs.rmSync(partial, { recursive: true, force: true });
     throw saveError(err, out, existed, needed);
   }
 }
@@ -206,7 +206,9 @@ function saveError(err: unknown, out: string, existed: boolean, needed: number):
   if (code === undefined) return err;
   const kept = existed ? "the checkpoint already there is intact" : "no folder was left";
   if (code === "ENOSPC") return new Blip2Error(`${out}: the disk is full (ENOSPC) while saving the checkpoint (${formatBytes(needed)} to write); nothing was saved and ${kept}`, { cause: err });
-  return new Blip2Error(`${out}: cannot save the checkpoint (${code}: ${(err as Error).message.split("\n")[0]}); nothing was saved and ${kept}`, { cause: err });
+  const message = (err as Error).message.split("\n")[0]!;
+  const why = message.startsWith(code) ? message : `${code}: ${message}`; // Node's messages start with the code
+  return new Blip2Error(`${out}: cannot save the checkpoint (${why}); nothing was saved and ${kept}`, { cause: err });
 }
 
 function checkFreeSpace(out: string, needed: number): void {
@@ -341,17 +343,18 @@ type Phase = "tmp" | "new" | "old";
 
 const siblingName = (out: string, phase: Phase, pid: number) => `${out}.${phase}-${pid}`;
 
-/** `<out>.new-<pid>` (complete) takes the place of `<out>`; the previous one is removed after. */
+/**
+ * `<out>.new-<pid>` (complete) takes the place of `<out>`, which is removed after. If the rename
+ * fails, `<out>` is put back and the complete folder stays for the caller (or the next recovery).
+ */
 function swapIn(complete: string, out: string): void {
-  const pid = process.pid;
-  const old = siblingName(out, "old", pid);
+  const old = siblingName(out, "old", process.pid);
   const hadOld = fs.existsSync(out);
   if (hadOld) fs.renameSync(out, old);
   try {
     fs.renameSync(complete, out);
   } catch (err) {
     if (hadOld) fs.renameSync(old, out);
-    fs.rmSync(complete, { recursive: true, force: true });
     throw err;
   }
   syncDir(path.dirname(out));
@@ -387,8 +390,7 @@ export function recoverInterruptedSave(out: string): string[] {
   const done: string[] = [];
   const newest = leftovers.filter((e) => e.phase === "new").sort((a, b) => b.mtime - a.mtime)[0];
   if (newest) {
-    if (fs.existsSync(out)) fs.renameSync(out, siblingName(out, "old", process.pid));
-    fs.renameSync(newest.path, out);
+    swapIn(newest.path, out);
     done.push(`${out}: completed the save interrupted in ${path.basename(newest.path)}`);
   } else if (!fs.existsSync(out)) {
     const old = leftovers.filter((e) => e.phase === "old").sort((a, b) => b.mtime - a.mtime)[0];
@@ -402,8 +404,6 @@ export function recoverInterruptedSave(out: string): string[] {
     fs.rmSync(e.path, { recursive: true, force: true });
     done.push(`${out}: removed ${path.basename(e.path)}, left by a save that was interrupted`);
   }
-  const ours = siblingName(out, "old", process.pid);
-  if (newest && fs.existsSync(ours)) fs.rmSync(ours, { recursive: true, force: true });
   return done;
 }
 
