@@ -13,6 +13,7 @@ import type { Checkpoint } from "../io/checkpoint.js";
 import { Graph, type Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
 import { gradients } from "../autodiff/backward.js";
+import { DropoutContext } from "../models/dropout.js";
 import { activation, expandToBatch, layerNormLayer, linearLayer, Params } from "../models/layers.js";
 import { MASKED, qformer, qformerTextEmbeddings } from "../models/qformer.js";
 import { normalize } from "../models/retrieval.js";
@@ -45,7 +46,7 @@ function stage1Inputs(g: Graph, cfg: Blip2Config, s: Stage1Shape): Stage1Inputs 
 }
 
 /** The image side: post-LayerNorm of the cached features, then the queries cross-attending to them. */
-function imageSide(root: Params, cfg: Blip2Config, features: Value) {
+function imageSide(root: Params, cfg: Blip2Config, features: Value, dropout?: DropoutContext) {
   const imageEmbeds = layerNormLayer(root.at("vision_model.post_layernorm"), features, cfg.vision.hiddenSize, cfg.vision.layerNormEps);
   const queryTokens = root.get("query_tokens", [1, cfg.numQueryTokens, cfg.qformer.hiddenSize]);
   const queryOutput = qformer(root.at("qformer"), cfg.qformer, {
@@ -54,32 +55,41 @@ function imageSide(root: Params, cfg: Blip2Config, features: Value) {
     attentionMask: null,
     imageEmbeds,
     queryLength: cfg.numQueryTokens,
+    dropout,
   }).lastHiddenState;
   const imageFeats = normalize(linearLayer(root.at("vision_projection"), queryOutput, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize));
   return { imageEmbeds, queryTokens, imageFeats };
 }
 
 /** The text side: the Q-Former over the text alone, the [CLS] output projected and normalized. */
-function textSide(root: Params, cfg: Blip2Config, inputIds: Value, attentionMask: Value): Value {
+function textSide(root: Params, cfg: Blip2Config, inputIds: Value, attentionMask: Value, dropout?: DropoutContext): Value {
   const text = qformer(root.at("qformer"), cfg.qformer, {
     queryEmbeds: null,
     textEmbeds: qformerTextEmbeddings(root.at("embeddings"), cfg.qformer, inputIds),
     attentionMask,
     imageEmbeds: null,
     queryLength: 0,
+    dropout,
   }).lastHiddenState;
   const cls = op.squeeze(op.slice(text, [0], [1], [1]), [1]);
   return normalize(linearLayer(root.at("text_projection"), cls, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize));
 }
 
-/** ITC similarities only (no gradient): what hard negatives are drawn from. */
-export function itcGraph(ckpt: Checkpoint, s: Stage1Shape): Graph {
+/**
+ * ITC similarities only (no gradient): what hard negatives are drawn from. With `dropout`, its
+ * sites come in the order of `stage1Graph`'s first ones, so the same `dropout_seed` gives the
+ * similarities of that step's forward pass, which LAVIS draws its negatives from.
+ */
+export function itcGraph(ckpt: Checkpoint, s: Stage1Shape, options: { dropout?: boolean } = {}): Graph {
   const cfg = ckpt.config;
   const g = new Graph("stage1_itc");
+  // The trained tensors' current values come from the trainer, as in the training graph.
+  g.trainable = stage1Trained;
   const root = new Params(g, ckpt);
   const x = stage1Inputs(g, cfg, s);
-  const { imageFeats } = imageSide(root, cfg, x.features);
-  const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask), root.get("temp", []));
+  const dropout = options.dropout ? DropoutContext.input(g) : undefined;
+  const { imageFeats } = imageSide(root, cfg, x.features, dropout);
+  const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask, dropout), root.get("temp", []));
   g.output(itc.simI2t, "sim_i2t");
   g.output(itc.simT2i, "sim_t2i");
   return g;
@@ -88,6 +98,12 @@ export function itcGraph(ckpt: Checkpoint, s: Stage1Shape): Graph {
 export interface Stage1GraphOptions {
   /** Also output the ITM and ITG logits (for tests and `blip2 grad`). */
   logits?: boolean;
+  /**
+   * Dropout in the Q-Former at the config's rates, its masks drawn from an int64 scalar input
+   * `dropout_seed` (models/dropout.ts). The image encoder is frozen and runs without dropout, in
+   * eval mode, as LAVIS keeps it.
+   */
+  dropout?: boolean;
 }
 
 /**
@@ -112,9 +128,11 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const itgWeights = g.input("itg_weights", "float32", [s.batch, s.length - 1]);
   const imageForText = g.input("image_for_text", "int64", [s.batch]);
   const textForImage = g.input("text_for_image", "int64", [s.batch]);
+  const dropout = options.dropout ? DropoutContext.input(g) : undefined;
 
-  const { imageEmbeds, queryTokens, imageFeats } = imageSide(root, cfg, x.features);
-  const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask), root.get("temp", []));
+  // The image and text sides first, as in itcGraph: their dropout sites are numbered alike.
+  const { imageEmbeds, queryTokens, imageFeats } = imageSide(root, cfg, x.features, dropout);
+  const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask, dropout), root.get("temp", []));
 
   // ITM: B positive pairs, B texts with a hard negative image, B images with a hard negative text.
   const same = g.constant(BigInt64Array.from({ length: s.batch }, (_, i) => BigInt(i)), "int64", [s.batch]);
@@ -130,6 +148,7 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
     attentionMask: op.concat([queryMask, itmMask], 1),
     imageEmbeds: itmImages,
     queryLength: q,
+    dropout,
   }).lastHiddenState;
   const itmLogits = op.reduceMean(linearLayer(root.at("itm_head"), op.slice(itmOut, [0], [q], [1]), d, 2), [1], false);
   const lossItm = itmLoss(itmLogits);
@@ -142,6 +161,7 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
     attentionBias: itgBias,
     imageEmbeds,
     queryLength: q,
+    dropout,
   }).lastHiddenState;
   const itgLogits = itgHead(root, cfg, op.slice(itgOut, [q], [2 ** 62], [1]));
   const lossItg = itgLoss(itgLogits, itgTargets, itgWeights);
