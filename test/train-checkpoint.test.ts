@@ -100,6 +100,20 @@ describe("saveCheckpoint", () => {
     expect(JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8")).note).toBe("replaced");
   });
 
+  it("saves again over the checkpoint it resumed from, though each save moves the tensors in its files", () => {
+    const out = fresh();
+    saveCheckpoint({ source: Checkpoint.open(ITM), out, trained: layernorm(1) });
+    const resumed = Checkpoint.open(out);
+    // A new tensor sorting first moves every other tensor's offset in the files resumed points to.
+    saveCheckpoint({ source: resumed, out, trained: layernorm(2), added: new Map([["a.extra", { shape: [1000], data: new Float32Array(1000).fill(3) }]]) });
+    saveCheckpoint({ source: resumed, out, trained: layernorm(4) });
+    const saved = tensorsOf(out);
+    const itm = Checkpoint.open(ITM);
+    for (const name of itm.names()) if (name !== "qformer.layernorm.weight") expect(readTensorBytes(saved.get(name)!).equals(readTensorBytes(itm.tensor(name))), name).toBe(true);
+    expect(readTensorF32(saved.get("a.extra")!).every((x) => x === 3)).toBe(true);
+    expect(readTensorF32(saved.get("qformer.layernorm.weight")!)[0]).toBe(4);
+  });
+
   it("writes a trained tensor back in its source dtype (float16, bfloat16 rounded to nearest even)", () => {
     const values = Float32Array.from([1, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -2.5, 65504, 1e-8]);
     expect([...new Uint16Array(encodeFloats(values, "BF16", "x").slice().buffer)]).toEqual([0x3f80, 0x3f80, 0x3f82, 0xc020, 0x4780, 0x322c]);

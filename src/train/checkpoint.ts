@@ -18,7 +18,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { Blip2Error } from "../errors.js";
-import type { Checkpoint } from "../io/checkpoint.js";
+import { Checkpoint } from "../io/checkpoint.js";
 import { DTYPE_BYTES, floatToHalf, readSafetensorsHeader, readTensorF32, type SafeDType, type TensorInfo } from "../io/safetensors.js";
 
 /** Values of a tensor, as the trainer holds them. */
@@ -84,7 +84,14 @@ const CHECKPOINT_FILE = /^(config\.json|generation_config\.json|preprocessor_con
 
 /** Saves a training checkpoint into `out`, atomically (see the file comment). */
 export function saveCheckpoint(options: SaveOptions): void {
-  const { source, out } = options;
+  const { out } = options;
+  // A run resumed from its own output reads its frozen tensors there: each save replaces those
+  // files, so their offsets are read again rather than taken from a Checkpoint opened before.
+  let source = options.source;
+  if (path.resolve(source.dir) === path.resolve(out)) {
+    recoverInterruptedSave(out);
+    source = Checkpoint.open(out);
+  }
   if (source.converted) throw new Blip2Error(`${source.dir}: written by blip2 quantize (converted weights); train from the original checkpoint`);
   const tensors = planTensors(source, options.trained, options.added ?? new Map());
   const files: Record<string, string | Uint8Array | { copy: string }> = {};
