@@ -30,6 +30,10 @@ export interface QFormerConfig {
   crossAttentionFrequency: number;
   encoderHiddenSize: number;
   useQformerTextInput: boolean;
+  /** Dropout on the embeddings and on each attention and feed-forward output, in training. */
+  hiddenDropoutProb: number;
+  /** Dropout on the attention probabilities, in training. */
+  attentionProbsDropoutProb: number;
 }
 
 export interface OptConfig {
@@ -119,6 +123,13 @@ class Fields {
     const v = this.get(key);
     if (v === undefined || v === null) return fallback;
     if (typeof v !== "number" || !Number.isFinite(v)) throw new Blip2Error(`${this.where(key)}: expected a number, got ${JSON.stringify(v)}`);
+    return v;
+  }
+
+  /** A probability in [0, 1] (a dropout rate). */
+  probability(key: string, fallback: number): number {
+    const v = this.float(key, fallback);
+    if (v < 0 || v > 1) throw new Blip2Error(`${this.where(key)}: expected a probability in [0, 1], got ${v}`);
     return v;
   }
 
@@ -229,6 +240,9 @@ function parseQFormer(f: Fields, vision: VisionConfig): QFormerConfig {
     crossAttentionFrequency: f.positive("cross_attention_frequency", 2),
     encoderHiddenSize: f.positive("encoder_hidden_size", 1408),
     useQformerTextInput: f.bool("use_qformer_text_input", false),
+    // BERT's defaults, which Blip2QFormerConfig keeps.
+    hiddenDropoutProb: f.probability("hidden_dropout_prob", 0.1),
+    attentionProbsDropoutProb: f.probability("attention_probs_dropout_prob", 0.1),
   };
   divisible(f, "qformer_config", c.hiddenSize, c.numAttentionHeads);
   if (c.encoderHiddenSize !== vision.hiddenSize) {

@@ -9,7 +9,7 @@
 import { Blip2Error } from "../errors.js";
 import type { TensorInfo } from "../io/safetensors.js";
 
-export type DType = "float32" | "float16" | "bfloat16" | "int64" | "int32" | "int8" | "uint8" | "bool";
+export type DType = "float32" | "float16" | "bfloat16" | "int64" | "int32" | "uint32" | "int8" | "uint8" | "bool";
 
 /** A dimension: a number when known at build time, a symbol (e.g. "batch") when dynamic. */
 export type Dim = number | string;
@@ -61,7 +61,7 @@ export interface Node {
 }
 
 /** Tensor data held in the graph itself (small constants). */
-export type ConstData = Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array;
+export type ConstData = Float32Array | BigInt64Array | Int32Array | Uint32Array | Uint8Array | Int8Array;
 
 export type Initializer =
   | { kind: "inline"; name: string; dtype: DType; dims: number[]; data: ConstData }
@@ -203,6 +203,7 @@ export function onnxDataType(dtype: DType): number {
     case "uint8": return 2;
     case "int8": return 3;
     case "int32": return 6;
+    case "uint32": return 12;
     case "int64": return 7;
     case "bool": return 9;
     case "float16": return 10;

@@ -55,6 +55,19 @@ export const equal = (a: Value, b: Value) => binary("Equal", a, b, "bool");
 export const less = (a: Value, b: Value) => binary("Less", a, b, "bool");
 export const and = (a: Value, b: Value) => binary("And", a, b, "bool");
 
+/** Bitwise xor of two integer tensors (opset 18). */
+export function bitwiseXor(a: Value, b: Value): Value {
+  if (isFloat(a.dtype) || a.dtype === "bool") fail("BitwiseXor", `expects integer tensors, got ${a.dtype}`);
+  return binary("BitwiseXor", a, b);
+}
+
+/** Logical right shift of unsigned integers (ONNX Runtime runs BitShift on uint8, uint32 and uint64 only). */
+export function shiftRight(x: Value, bits: Value): Value {
+  if (x.dtype !== "uint8" && x.dtype !== "uint32") fail("BitShift", `expects an unsigned integer tensor, got ${x.dtype}`);
+  sameDtype("BitShift", x, bits);
+  return node("BitShift", [x, bits], { direction: attr.string("RIGHT") }, x.dtype, broadcastShapes("BitShift", x.shape, bits.shape));
+}
+
 function unary(op: string, x: Value, floatOnly = true): Value {
   if (floatOnly && !isFloat(x.dtype)) fail(op, `expects a float tensor, got ${x.dtype}`);
   return node(op, [x], {}, x.dtype, x.shape);

@@ -134,13 +134,15 @@ export function mergeHeads(x: Value): Value {
 
 /**
  * softmax(q k^T * scale + bias) v over [B, H, S, Dh] tensors. `bias` is an additive mask and/or
- * position bias broadcastable to [B, H, S, T].
+ * position bias broadcastable to [B, H, S, T]. `dropProbs`, in training, drops attention
+ * probabilities before they weight the values (BERT's attention dropout).
  */
-export function attend(q: Value, k: Value, v: Value, scale: number | null, bias: Value | null): Value {
+export function attend(q: Value, k: Value, v: Value, scale: number | null, bias: Value | null, dropProbs?: (probs: Value) => Value): Value {
   let scores = op.matmul(q, op.transpose(k, [0, 1, 3, 2]));
   if (scale !== null) scores = op.mul(scores, q.graph.scalar(scale));
   if (bias) scores = op.add(scores, bias);
-  return op.matmul(op.softmax(scores, -1), v);
+  const probs = op.softmax(scores, -1);
+  return op.matmul(dropProbs ? dropProbs(probs) : probs, v);
 }
 
 /**

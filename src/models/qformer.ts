@@ -7,6 +7,7 @@
 import type { QFormerConfig } from "../config.js";
 import type { Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
+import { dropout, type DropoutContext } from "./dropout.js";
 import { activation, attend, layerNormLayer, linearLayer, mergeHeads, paddingBias, Params, splitHeads } from "./layers.js";
 
 export interface QFormerInputs {
@@ -26,6 +27,11 @@ export interface QFormerInputs {
   imageEmbeds: Value | null;
   /** How many leading positions are queries. */
   queryLength: number;
+  /**
+   * Training: dropout as BERT places it (after the embeddings' LayerNorm, on the attention
+   * probabilities, on each output dense before its residual LayerNorm), at the config's rates.
+   */
+  dropout?: DropoutContext;
 }
 
 export interface QFormerOutputs {
@@ -39,45 +45,49 @@ export const MASKED = -10000;
 
 export function qformer(p: Params, cfg: QFormerConfig, inputs: QFormerInputs): QFormerOutputs {
   const parts = [inputs.queryEmbeds, inputs.textEmbeds].filter((v): v is Value => v !== null);
+  const drop = inputs.dropout;
   let x = layerNormLayer(p.at("layernorm"), parts.length === 1 ? parts[0]! : op.concat(parts, 1), cfg.hiddenSize, cfg.layerNormEps);
+  x = dropout(x, cfg.hiddenDropoutProb, drop);
   const bias = inputs.attentionBias ?? (inputs.attentionMask ? paddingBias(inputs.attentionMask, MASKED) : null);
   const hiddenStates = [x];
   for (let i = 0; i < cfg.numHiddenLayers; i++) {
     const hasCrossAttention = inputs.imageEmbeds !== null && i % cfg.crossAttentionFrequency === 0;
-    x = layer(p.at("encoder.layer").at(i), cfg, x, bias, hasCrossAttention ? inputs.imageEmbeds : null, inputs.queryLength, inputs.textEmbeds !== null);
+    x = layer(p.at("encoder.layer").at(i), cfg, x, bias, hasCrossAttention ? inputs.imageEmbeds : null, inputs.queryLength, inputs.textEmbeds !== null, drop);
     hiddenStates.push(x);
   }
   return { lastHiddenState: x, hiddenStates };
 }
 
-function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, imageEmbeds: Value | null, queryLength: number, hasText: boolean): Value {
-  const attended = attentionBlock(p.at("attention"), cfg, x, x, cfg.hiddenSize, bias);
-  if (queryLength === 0) return feedForward(p, "", cfg, attended);
+function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, imageEmbeds: Value | null, queryLength: number, hasText: boolean, drop?: DropoutContext): Value {
+  const attended = attentionBlock(p.at("attention"), cfg, x, x, cfg.hiddenSize, bias, drop);
+  if (queryLength === 0) return feedForward(p, "", cfg, attended, drop);
   let queries = queryLength > 0 && hasText ? op.slice(attended, [0], [queryLength], [1]) : attended;
-  if (imageEmbeds) queries = attentionBlock(p.at("crossattention"), cfg, queries, imageEmbeds, cfg.encoderHiddenSize, null);
-  const queryOut = feedForward(p, "_query", cfg, queries);
+  if (imageEmbeds) queries = attentionBlock(p.at("crossattention"), cfg, queries, imageEmbeds, cfg.encoderHiddenSize, null, drop);
+  const queryOut = feedForward(p, "_query", cfg, queries, drop);
   if (!hasText) return queryOut;
   const text = op.slice(attended, [queryLength], [2 ** 62], [1]);
-  return op.concat([queryOut, feedForward(p, "", cfg, text)], 1);
+  return op.concat([queryOut, feedForward(p, "", cfg, text, drop)], 1);
 }
 
 /** BERT attention: multi-head attention, output dense, then LayerNorm(dense + input). */
-function attentionBlock(p: Params, cfg: QFormerConfig, x: Value, context: Value, contextSize: number, bias: Value | null): Value {
+function attentionBlock(p: Params, cfg: QFormerConfig, x: Value, context: Value, contextSize: number, bias: Value | null, drop?: DropoutContext): Value {
   const d = cfg.hiddenSize;
   const heads = cfg.numAttentionHeads;
   const a = p.at("attention");
   const q = splitHeads(linearLayer(a.at("query"), x, d, d), heads);
   const k = splitHeads(linearLayer(a.at("key"), context, contextSize, d), heads);
   const v = splitHeads(linearLayer(a.at("value"), context, contextSize, d), heads);
-  const out = linearLayer(p.at("output.dense"), mergeHeads(attend(q, k, v, (d / heads) ** -0.5, bias)), d, d);
+  const dropProbs = drop && ((probs: Value) => dropout(probs, cfg.attentionProbsDropoutProb, drop));
+  const weighted = mergeHeads(attend(q, k, v, (d / heads) ** -0.5, bias, dropProbs));
+  const out = dropout(linearLayer(p.at("output.dense"), weighted, d, d), cfg.hiddenDropoutProb, drop);
   return layerNormLayer(p.at("output.LayerNorm"), op.add(out, x), d, cfg.layerNormEps);
 }
 
 /** Feed-forward: `intermediate{suffix}` (dense + act), `output{suffix}` (dense, LayerNorm with residual). */
-function feedForward(p: Params, suffix: "" | "_query", cfg: QFormerConfig, x: Value): Value {
+function feedForward(p: Params, suffix: "" | "_query", cfg: QFormerConfig, x: Value, drop?: DropoutContext): Value {
   const d = cfg.hiddenSize;
   const h = activation(linearLayer(p.at(`intermediate${suffix}.dense`), x, d, cfg.intermediateSize), cfg.hiddenAct);
-  const out = linearLayer(p.at(`output${suffix}.dense`), h, cfg.intermediateSize, d);
+  const out = dropout(linearLayer(p.at(`output${suffix}.dense`), h, cfg.intermediateSize, d), cfg.hiddenDropoutProb, drop);
   return layerNormLayer(p.at(`output${suffix}.LayerNorm`), op.add(out, x), d, cfg.layerNormEps);
 }
 

@@ -13,6 +13,7 @@ import { Graph, type Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
 import { gradients } from "../autodiff/backward.js";
 import { textHiddenSize } from "../models/blip2.js";
+import { DropoutContext } from "../models/dropout.js";
 import { expandToBatch, layerNormLayer, linearLayer, Params } from "../models/layers.js";
 import { optDecoder, optEmbedTokens } from "../models/opt.js";
 import { qformer } from "../models/qformer.js";
@@ -44,8 +45,8 @@ export function imageFeaturesGraph(ckpt: Checkpoint): Graph {
   return g;
 }
 
-/** Cached image features -> the visual prompts [B, Q, LM hidden size]. */
-export function visualPrompts(root: Params, cfg: Blip2Config, features: Value): Value {
+/** Cached image features -> the visual prompts [B, Q, LM hidden size]; `dropout` in the Q-Former when training with it. */
+export function visualPrompts(root: Params, cfg: Blip2Config, features: Value, dropout?: DropoutContext): Value {
   const imageEmbeds = layerNormLayer(root.at("vision_model.post_layernorm"), features, cfg.vision.hiddenSize, cfg.vision.layerNormEps);
   const queries = qformer(root.at("qformer"), cfg.qformer, {
     queryEmbeds: expandToBatch(root.get("query_tokens", [1, cfg.numQueryTokens, cfg.qformer.hiddenSize]), imageEmbeds),
@@ -53,9 +54,21 @@ export function visualPrompts(root: Params, cfg: Blip2Config, features: Value): 
     attentionMask: null,
     imageEmbeds,
     queryLength: cfg.numQueryTokens,
+    dropout,
   }).lastHiddenState;
   return linearLayer(root.at("language_projection"), queries, cfg.qformer.hiddenSize, textHiddenSize(cfg));
 }
+
+export interface Stage2GraphOptions {
+  /**
+   * Dropout in the Q-Former at the config's rates, its masks drawn from an int64 scalar input
+   * `dropout_seed` (models/dropout.ts). The frozen image encoder and language model run without
+   * dropout: frozen, they are run in eval mode, as LAVIS keeps its image encoder.
+   */
+  dropout?: boolean;
+}
+
+const dropoutFor = (g: Graph, options: Stage2GraphOptions) => (options.dropout ? DropoutContext.input(g) : undefined);
 
 function featuresInput(g: Graph, cfg: Blip2Config, batch: number): Value {
   const patches = (cfg.vision.imageSize / cfg.vision.patchSize) ** 2 + 1;
@@ -75,7 +88,7 @@ function finish(g: Graph, loss: Value): Graph {
  * image tokens), `attention_mask` [B, Q + T], `lm_targets`/`lm_weights` [B, Q + T - 1] from the
  * labels over the whole sequence (`shiftedTargets`).
  */
-export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape): Graph {
+export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2GraphOptions = {}): Graph {
   const cfg = ckpt.config;
   const text = cfg.text as OptConfig;
   const q = cfg.numQueryTokens;
@@ -87,9 +100,10 @@ export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape): Graph {
   const mask = g.input("attention_mask", "int64", [s.batch, q + s.length]);
   const targets = g.input("lm_targets", "int64", [s.batch, q + s.length - 1]);
   const weights = g.input("lm_weights", "float32", [s.batch, q + s.length - 1]);
+  const prompts = visualPrompts(root, cfg, features, dropoutFor(g, options));
   const lm = new Params(g, ckpt, "language_model.");
   const decoder = lm.at("model.decoder");
-  const embeds = op.concat([visualPrompts(root, cfg, features), optEmbedTokens(decoder, text, ids)], 1);
+  const embeds = op.concat([prompts, optEmbedTokens(decoder, text, ids)], 1);
   const total = q + s.length;
   const heads = text.numAttentionHeads;
   const noCache = Array.from({ length: text.numHiddenLayers }, () => {
@@ -108,7 +122,7 @@ export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape): Graph {
  * and `decoder_attention_mask` [B, L] (the labels shifted right), `lm_targets`/`lm_weights` [B, L]
  * (the labels, unshifted: T5's decoder input is already shifted).
  */
-export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape): Graph {
+export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2GraphOptions = {}): Graph {
   const cfg = ckpt.config;
   const text = cfg.text as T5Config;
   const q = cfg.numQueryTokens;
@@ -125,8 +139,9 @@ export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape): Graph {
   const decoderBuckets = g.input("decoder_buckets", "int64", [l, l]);
   const targets = g.input("lm_targets", "int64", [s.batch, l]);
   const weights = g.input("lm_weights", "float32", [s.batch, l]);
+  const prompts = visualPrompts(root, cfg, features, dropoutFor(g, options));
   const lm = new Params(g, ckpt, "language_model.");
-  const embeds = op.concat([visualPrompts(root, cfg, features), t5EmbedTokens(lm, text, ids)], 1);
+  const embeds = op.concat([prompts, t5EmbedTokens(lm, text, ids)], 1);
   const encoded = t5Encoder(lm, text, embeds, mask, encoderBuckets).lastHiddenState;
   const cross = t5CrossKeyValues(lm, text, encoded);
   const everyPosition = g.ints(Array.from({ length: l }, (_, i) => i));
@@ -137,8 +152,8 @@ export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape): Graph {
 
 
 /** The stage-2 graph for the checkpoint's language model. */
-export function stage2Graph(ckpt: Checkpoint, s: Stage2Shape): Graph {
-  return ckpt.config.text.modelType === "opt" ? stage2OptGraph(ckpt, s) : stage2T5Graph(ckpt, s);
+export function stage2Graph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2GraphOptions = {}): Graph {
+  return ckpt.config.text.modelType === "opt" ? stage2OptGraph(ckpt, s, options) : stage2T5Graph(ckpt, s, options);
 }
 
 /** One stage-2 batch as token ids, in the processor's layout (image tokens first where the checkpoint has them). */

@@ -5,7 +5,9 @@
  */
 import * as ort from "onnxruntime-node";
 import type { Checkpoint } from "../io/checkpoint.js";
+import { Blip2Error } from "../errors.js";
 import type { Graph } from "../ir/graph.js";
+import { DROPOUT_SEED } from "../models/dropout.js";
 import { CompiledGraph, type RuntimeOptions } from "../runtime/session.js";
 import { shiftedTargets } from "./losses.js";
 import type { Rng } from "./rng.js";
@@ -79,6 +81,21 @@ async function runTraining(graph: Graph, session: CompiledGraph, feeds: Record<s
   return { losses, grads, outputs };
 }
 
+/**
+ * Options of a step. `dropoutSeed`: run with dropout in the Q-Former, its masks a function of this
+ * seed alone (an integer in [0, 2^32), e.g. `rng.nextUint32()` from the trainer's generator), so a
+ * resumed run repeats them; without it, no dropout.
+ */
+export interface StepOptions {
+  dropoutSeed?: number;
+}
+
+function dropoutFeed(seed: number | undefined): Record<string, ort.Tensor> {
+  if (seed === undefined) return {};
+  if (!Number.isInteger(seed) || seed < 0 || seed >= 2 ** 32) throw new Blip2Error(`dropout seed must be an integer in [0, 2^32), got ${seed}`);
+  return { [DROPOUT_SEED]: new ort.Tensor("int64", BigInt64Array.from([BigInt(seed)]), []) };
+}
+
 const int64 = (rows: number[][]) => new ort.Tensor("int64", BigInt64Array.from(rows.flat().map(BigInt)), [rows.length, rows[0]!.length]);
 const vector = (xs: number[]) => new ort.Tensor("int64", BigInt64Array.from(xs.map(BigInt)), [xs.length]);
 
@@ -96,14 +113,16 @@ export class Stage1Step {
    * Loss terms and gradients for a batch. `negatives`: given, or drawn with `rng` from the ITC
    * similarities (LAVIS: softmax of each row with its own pair masked out).
    */
-  async run(batch: Stage1Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, negatives: Negatives | Rng, options: { logits?: boolean } = {}): Promise<StepOutput> {
+  async run(batch: Stage1Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, negatives: Negatives | Rng, options: { logits?: boolean } & StepOptions = {}): Promise<StepOutput> {
     const shape: Stage1Shape = { batch: batch.inputIds.length, length: batch.inputIds[0]!.length };
-    const text = { image_features: features, input_ids: int64(batch.inputIds), attention_mask: int64(batch.attentionMask) };
+    const dropout = options.dropoutSeed !== undefined;
+    const text = { image_features: features, input_ids: int64(batch.inputIds), attention_mask: int64(batch.attentionMask), ...dropoutFeed(options.dropoutSeed) };
     let chosen: Negatives;
     if ("imageForText" in negatives) {
       chosen = negatives;
     } else {
-      const itc = await this.graphs.get(`itc ${shape.batch}x${shape.length}`, () => itcGraph(this.checkpoint, shape));
+      // With dropout, the similarities of this step's forward pass: the same seed, the same masks.
+      const itc = await this.graphs.get(`itc ${shape.batch}x${shape.length}${dropout ? " dropout" : ""}`, () => itcGraph(this.checkpoint, shape, { dropout }));
       const sims = await runTraining(itc.graph, itc.session, { ...text }, params);
       chosen = drawNegatives(sims.outputs.sim_i2t!.data as Float32Array, sims.outputs.sim_t2i!.data as Float32Array, shape.batch, negatives);
     }
@@ -111,8 +130,8 @@ export class Stage1Step {
     const decoderIds = batch.inputIds.map((row) => [batch.decTokenId, ...row.slice(1)]);
     const labels = decoderIds.map((row, i) => row.map((id, j) => (batch.attentionMask[i]![j] === 0 || id === batch.padTokenId ? -100 : id)));
     const itg = shiftedTargets(labels);
-    const key = `stage1 ${shape.batch}x${shape.length}${options.logits ? " logits" : ""}`;
-    const { graph, session } = await this.graphs.get(key, () => stage1Graph(this.checkpoint, shape, options));
+    const key = `stage1 ${shape.batch}x${shape.length}${options.logits ? " logits" : ""}${dropout ? " dropout" : ""}`;
+    const { graph, session } = await this.graphs.get(key, () => stage1Graph(this.checkpoint, shape, { logits: options.logits, dropout }));
     const out = await runTraining(graph, session, {
       ...text,
       decoder_input_ids: int64(decoderIds),
@@ -160,11 +179,12 @@ export class Stage2Step {
     this.graphs = new GraphsByShape(runtime);
   }
 
-  async run(batch: Stage2Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>): Promise<StepOutput> {
+  async run(batch: Stage2Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, options: StepOptions = {}): Promise<StepOutput> {
     const { shape, feeds } = stage2Feeds(this.checkpoint.config, batch);
-    const key = `stage2 ${shapeKey(shape)}`;
-    const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape));
-    return runTraining(graph, session, { ...feeds, image_features: features }, params);
+    const dropout = options.dropoutSeed !== undefined;
+    const key = `stage2 ${shapeKey(shape)}${dropout ? " dropout" : ""}`;
+    const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape, { dropout }));
+    return runTraining(graph, session, { ...feeds, image_features: features, ...dropoutFeed(options.dropoutSeed) }, params);
   }
 
   release(): Promise<void> {
