@@ -7,12 +7,14 @@ import { caption } from "./commands/caption.js";
 import { chat } from "./commands/chat.js";
 import { compose } from "./commands/compose.js";
 import { dump } from "./commands/dump.js";
+import { grad } from "./commands/grad.js";
 import { index } from "./commands/index.js";
 import { match } from "./commands/match.js";
 import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
+import { trainCommand } from "./commands/train.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

@@ -19,6 +19,8 @@ export interface StepOutput {
   losses: Record<string, number>;
   /** d loss / d tensor for every trained tensor, by checkpoint name. */
   grads: Map<string, Float32Array>;
+  /** Each gradient's shape (its tensor's). */
+  shapes: Map<string, number[]>;
   /** The graph's other outputs (similarities, logits). */
   outputs: Record<string, ort.Tensor>;
 }
@@ -49,7 +51,8 @@ class GraphsByShape {
     if (!hit) {
       hit = (async () => {
         const graph = build();
-        return { graph, session: await CompiledGraph.create(graph, { worker: false, ...this.runtime }) };
+        // Unfolded: the backward's dequantized weights stay per-product temporaries (see SessionOptions).
+        return { graph, session: await CompiledGraph.create(graph, { worker: false, ...this.runtime, foldConstants: false }) };
       })();
       this.compiled.set(key, hit);
     }
@@ -72,13 +75,17 @@ async function runTraining(graph: Graph, session: CompiledGraph, feeds: Record<s
   const out = await session.run(feeds);
   const losses: Record<string, number> = {};
   const grads = new Map<string, Float32Array>();
+  const shapes = new Map<string, number[]>();
   const outputs: Record<string, ort.Tensor> = {};
   for (const [key, t] of Object.entries(out)) {
-    if (key.startsWith("grad.")) grads.set(key.slice(5), t.data as Float32Array);
+    if (key.startsWith("grad.")) {
+      grads.set(key.slice(5), t.data as Float32Array);
+      shapes.set(key.slice(5), [...t.dims]);
+    }
     else if (key === "loss" || key.startsWith("loss_")) losses[key] = Number(t.data[0]);
     else outputs[key] = t;
   }
-  return { losses, grads, outputs };
+  return { losses, grads, shapes, outputs };
 }
 
 /**
@@ -181,10 +188,11 @@ export class Stage2Step {
 
   async run(batch: Stage2Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, options: StepOptions = {}): Promise<StepOutput> {
     const { shape, feeds } = stage2Feeds(this.checkpoint.config, batch);
+    const seed = dropoutFeed(options.dropoutSeed);
     const dropout = options.dropoutSeed !== undefined;
     const key = `stage2 ${shapeKey(shape)}${dropout ? " dropout" : ""}`;
     const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape, { dropout }));
-    return runTraining(graph, session, { ...feeds, image_features: features, ...dropoutFeed(options.dropoutSeed) }, params);
+    return runTraining(graph, session, { ...feeds, image_features: features, ...seed }, params);
   }
 
   release(): Promise<void> {

@@ -9,6 +9,7 @@ import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
 import { Checkpoint } from "../io/checkpoint.js";
 import { readTensorF32, type TensorInfo } from "../io/safetensors.js";
+import type { ImageProcessorBackend } from "../image/imageProcessor.js";
 import { Blip2Processor } from "../processor.js";
 import type { WeightDType } from "../io/weightFormat.js";
 import { resolveDTypes } from "../quantize/dtype.js";
@@ -65,6 +66,8 @@ export interface TrainOptions {
   augment?: boolean;
   /** Dropout as the config says (default true); `blip2 grad` runs without. */
   dropout?: boolean;
+  /** Resizing as transformers 5 ("torchvision", default) or 4 ("pil") does it. */
+  imageBackend?: ImageProcessorBackend;
   /** The blip2 cache (image features, converted weights). */
   blip2Cache?: string;
   runtime?: RuntimeOptions;
@@ -140,7 +143,8 @@ export class Trainer {
   ) {}
 
   static async create(options: TrainOptions): Promise<Trainer> {
-    const o = { batchSize: 8, gradAccum: 1, seed: 42, maxTextLength: MAX_TEXT_LENGTH, dropout: true, ...options };
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as TrainOptions;
+    const o = { batchSize: 8, gradAccum: 1, seed: 42, maxTextLength: MAX_TEXT_LENGTH, dropout: true, ...given };
     checkPositive("--batch-size", o.batchSize);
     checkPositive("--grad-accum", o.gradAccum);
     if (o.steps !== undefined) checkPositive("--steps", o.steps);
@@ -177,7 +181,7 @@ export class Trainer {
       { weightDecay: o.weightDecay ?? 0.05 },
     );
 
-    const processor = await Blip2Processor.fromDirectory(start.dir, start.config);
+    const processor = await Blip2Processor.fromDirectory(start.dir, start.config, { imageBackend: o.imageBackend });
     const text: { stage1?: Stage1Text; stage2?: Stage2Text; size?: { length: number; targetLength: number } } = {};
     if (o.stage === 1) {
       text.stage1 = new Stage1Text(processor.tokenizer, extras!.decTokenId, o.maxTextLength);
@@ -368,7 +372,7 @@ export function checkStage(ckpt: Checkpoint, stage: 1 | 2): void {
  * The checkpoint with stage 1's extras as tensors of the right shape (the graphs feed trained
  * tensors from the trainer, so only their names and shapes are needed) and the grown vocabulary.
  */
-function withExtras(ckpt: Checkpoint, extras: Stage1Extras): Checkpoint {
+export function withExtras(ckpt: Checkpoint, extras: Stage1Extras): Checkpoint {
   if (extras.tensors.size === 0) return ckpt;
   const infos = new Map<string, TensorInfo>();
   for (const [name, v] of extras.tensors) {
