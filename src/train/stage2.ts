@@ -63,7 +63,7 @@ export interface Stage2GraphOptions {
   /**
    * Dropout in the Q-Former at the config's rates, its masks drawn from an int64 scalar input
    * `dropout_seed` (models/dropout.ts). The frozen image encoder and language model run without
-   * dropout: frozen, they are run in eval mode, as LAVIS keeps its image encoder.
+   * dropout, in eval mode, as LAVIS runs its frozen image encoder.
    */
   dropout?: boolean;
 }
