@@ -276,10 +276,11 @@ export class Trainer {
 
   /** Loss terms and gradients of one micro-batch. */
   private async forwardBackward(examples: Example[], dropout: boolean): Promise<StepOutput> {
-    void dropout;
     const features = await this.featuresOf(examples);
-    if (this.step1) return this.step1.run(this.text.stage1!.batch(examples), features, this.params, this.rng);
-    return this.step2!.run(this.text.stage2!.batch(examples, this.text.size!), features, this.params);
+    // Masks are a function of a seed drawn here, so a resumed run draws the same ones.
+    const options = dropout ? { dropoutSeed: this.rng.int(0x7fffffff) } : {};
+    if (this.step1) return this.step1.run(this.text.stage1!.batch(examples), features, this.params, this.rng, options);
+    return this.step2!.run(this.text.stage2!.batch(examples, this.text.size!), features, this.params, options);
   }
 
   private featuresOf(examples: Example[]): Promise<ort.Tensor> {
