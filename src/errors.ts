@@ -15,3 +15,14 @@ export function describeError(err: unknown): string {
   if (err instanceof Error) return err.message.split("\n")[0] ?? String(err);
   return String(err);
 }
+
+/** A checkpoint of another architecture than the one asked for (`architecture`: what it is), so that a caller can name its own way to use it. */
+export class ArchitectureError extends Blip2Error {
+  constructor(
+    message: string,
+    readonly architecture: string,
+  ) {
+    super(message);
+    this.name = "ArchitectureError";
+  }
+}

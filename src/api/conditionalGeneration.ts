@@ -3,9 +3,10 @@
  * know it: `fromPretrained(src)`, `generate({...inputs, ...options})`, plus a token stream.
  */
 import type * as ort from "onnxruntime-node";
-import { Blip2Error } from "../errors.js";
+import { ArchitectureError, Blip2Error } from "../errors.js";
 import { generateIds, type GenerateInputs } from "../generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../generation/options.js";
+import { checkPromptLength } from "../generation/limits.js";
 import type { ResolvedGeneration } from "../generation/options.js";
 import type { SearchResult } from "../generation/search.js";
 import type { Checkpoint } from "../io/checkpoint.js";
@@ -35,7 +36,7 @@ export class Blip2ForConditionalGeneration {
   static async fromPretrained(src: string, options: ModelLoadOptions = {}): Promise<Blip2ForConditionalGeneration> {
     const checkpoint = await loadCheckpoint(src, options);
     if (checkpoint.config.architectures.includes("Blip2ForImageTextRetrieval")) {
-      throw new Blip2Error(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`);
+      throw new ArchitectureError(`${src}: is an image-text retrieval checkpoint (Blip2ForImageTextRetrieval); load it with Blip2ForImageTextRetrieval`, "Blip2ForImageTextRetrieval");
     }
     return new Blip2ForConditionalGeneration(checkpoint, new Blip2Runtime(checkpoint, runtimeOptions(options)));
   }
@@ -123,14 +124,7 @@ export class Blip2ForConditionalGeneration {
     if (args.inputIds.some((r) => r.length !== width) || args.attentionMask.length !== args.inputIds.length || args.attentionMask.some((r) => r.length !== width)) {
       throw new Blip2Error("generate: inputIds and attentionMask must be rectangular and of the same shape (pad the batch)");
     }
-    const text = this.config.text;
-    if (text.modelType !== "opt") return;
-    // OPT's learned positions end at max_position_embeddings; legacy prompts also carry the queries.
-    const queries = this.config.imageTokenIndex === null ? this.config.numQueryTokens : 0;
-    const needed = width + queries + maxNewTokens;
-    if (needed > text.maxPositionEmbeddings) {
-      throw new Blip2Error(`prompt too long: ${width + queries} prompt tokens (image tokens included) + ${maxNewTokens} new tokens exceed the language model's ${text.maxPositionEmbeddings} positions`);
-    }
+    checkPromptLength(this.config, width, maxNewTokens);
   }
 
   /** Creates every ONNX Runtime session now instead of on first use (e.g. before serving requests). */

@@ -7,6 +7,7 @@ import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
 import type { KeptCache } from "../generation/generate.js";
 import type { GenerationOptions } from "../generation/options.js";
+import { languageModelPositions } from "../generation/limits.js";
 import type { ImageInput } from "../image/decode.js";
 import { Blip2Processor } from "../processor.js";
 import { Blip2ForConditionalGeneration, type ModelLoadOptions } from "./conditionalGeneration.js";
@@ -77,7 +78,7 @@ export class Blip2 {
 }
 
 export interface ChatOptions {
-  /** Tokens the language model may see: image tokens + prompt + tokens to generate (default 512). */
+  /** Tokens the language model may see: image tokens + prompt + tokens to generate (default 512, or the model's positions if fewer; at most those). */
   contextWindow?: number;
   /** Told, when a turn drops more of the oldest turns to fit the window, how many are now left out. */
   onDrop?: (droppedTurns: number) => void;
@@ -131,7 +132,13 @@ export class Chat {
     private readonly imageFeatures: ort.Tensor,
     private readonly options: ChatOptions,
   ) {
-    this.contextWindow = options.contextWindow ?? 512;
+    // The window never exceeds what the language model takes: a larger one would let a long
+    // question through to a model that cannot run it (or to T5's attention, growing with its square).
+    const positions = languageModelPositions(blip2.model.config);
+    this.contextWindow = options.contextWindow ?? Math.min(512, positions);
+    if (!(Number.isInteger(this.contextWindow) && this.contextWindow > 0 && this.contextWindow <= positions)) {
+      throw new Blip2Error(`chat: the context window must be a whole number of tokens from 1 to the language model's ${positions} positions, got ${options.contextWindow}`);
+    }
     this.dropTo = options.dropTo ?? 1;
     if (!(this.dropTo > 0 && this.dropTo <= 1)) throw new Blip2Error(`chat: dropTo must be a share of the window in (0, 1], got ${options.dropTo}`);
     keptCaches.register(this, this.kept, this);

@@ -1,7 +1,8 @@
 /** Options shared by the model commands: which model, how to run it, how to generate. */
 import type { ModelLoadOptions } from "../api/conditionalGeneration.js";
 import { Blip2 } from "../api/tasks.js";
-import { parseDTypeSpec } from "../quantize/dtype.js";
+import { ArchitectureError, Blip2Error } from "../errors.js";
+import { parseDTypeSpec, type DTypeSpec } from "../quantize/dtype.js";
 import type { GenerationOptions } from "../generation/options.js";
 import { isDevice, type Device } from "../runtime/session.js";
 import { intOption, numberOption, stringOption, UsageError, type Io, type OptionSpec, type ParsedArgs } from "./command.js";
@@ -93,9 +94,8 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
   if (device !== undefined && !isDevice(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
   const imageBackend = stringOption(args, "image-backend");
   if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
-  const dtype = stringOption(args, "dtype");
   return {
-    dtype: dtype === undefined ? undefined : parseDTypeSpec(dtype),
+    dtype: dtypeOption(args),
     conversionProgress: (p) => progress.items(`converting ${p.part} weights to ${p.dtype}`, p.done, p.total),
     revision: stringOption(args, "revision"),
     threads: intOption(args, "threads", 1),
@@ -108,8 +108,39 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
   };
 }
 
-export async function loadModel(args: ParsedArgs, io: Io): Promise<LoadedModel> {
+/** --dtype, a mistake in it being a usage error like any other option's. */
+export function dtypeOption(args: ParsedArgs): DTypeSpec | undefined {
+  const dtype = stringOption(args, "dtype");
+  return dtype === undefined ? undefined : asUsageError(() => parseDTypeSpec(dtype));
+}
+
+/** A Blip2Error of `check` as a usage error: for options that only the library can check. */
+function asUsageError<T>(check: () => T): T {
+  try {
+    return check();
+  } catch (err) {
+    throw err instanceof Blip2Error ? new UsageError(err.message) : err;
+  }
+}
+
+/**
+ * The model, with the generation options checked against it: what only the checkpoint decides (its
+ * generation_config.json's max_new_tokens under --min-new-tokens, say) is a usage error too.
+ */
+export async function loadModel(args: ParsedArgs, io: Io, generation: GenerationOptions = {}): Promise<LoadedModel> {
   const options = modelLoadOptions(args, io);
-  const blip2 = await Blip2.load(stringOption(args, "model") ?? process.env.BLIP2_MODEL ?? DEFAULT_MODEL, options);
+  const src = stringOption(args, "model") ?? process.env.BLIP2_MODEL ?? DEFAULT_MODEL;
+  const blip2 = await Blip2.load(src, options).catch((err) => {
+    if (err instanceof ArchitectureError && err.architecture === "Blip2ForImageTextRetrieval") {
+      throw new Blip2Error(`${src}: is an image-text retrieval checkpoint, which cannot generate text: use it with 'blip2 match', 'blip2 index' and 'blip2 search'`);
+    }
+    throw err;
+  });
+  try {
+    asUsageError(() => blip2.model.generationConfig(generation));
+  } catch (err) {
+    await blip2.dispose();
+    throw err;
+  }
   return { blip2, progress: options.progressSink };
 }

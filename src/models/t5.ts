@@ -25,6 +25,15 @@ export interface T5DecoderOutputs {
 
 const inner = (cfg: T5Config) => cfg.numHeads * cfg.dKv;
 
+/**
+ * The positions blip2 lets T5's encoder (the prompt, image tokens included) and its decoder (the
+ * start token and the new tokens) each take. T5's relative positions set no limit, but its attention
+ * weighs every position against every other, heads x positions^2 floats per layer, and an
+ * unbounded prompt ends in an out-of-memory kill rather than an error. 2048 is what the OPT
+ * checkpoints of BLIP-2 take, so both families accept the same prompts.
+ */
+export const T5_MAX_POSITIONS = 2048;
+
 /** Token ids -> shared embeddings. */
 export function t5EmbedTokens(p: Params, cfg: T5Config, inputIds: Value): Value {
   return op.gather(p.get("shared.weight", [cfg.vocabSize, cfg.dModel]), inputIds);

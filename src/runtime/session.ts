@@ -19,6 +19,14 @@ import { createPacked, PackedModel, type PackingProgress } from "./packedModels.
 import { probeFeeds } from "./probe.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
 
+// ONNX Runtime's Linux build starts a telemetry uploader with its first session, and that reads the
+// process's command line with a recursive std::regex: a command line of some 15 kB (a long prompt
+// or question given as an argument) overflowed the stack of the worker thread that creates the
+// sessions, and the process died of a segmentation fault. blip2 sends nothing anywhere, so it turns
+// that uploader off, unless the user chose otherwise. Set before any session, in the main thread:
+// the native library reads the process's environment, which workers' `process.env` does not change.
+process.env.ORT_DISABLE_TELEMETRY ??= "1";
+
 export const DEVICES = ["cpu", "webgpu", "cuda"] as const;
 export type Device = (typeof DEVICES)[number];
 export const isDevice = (name: string): name is Device => (DEVICES as readonly string[]).includes(name);

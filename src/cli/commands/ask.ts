@@ -14,7 +14,7 @@ export const ask: Command = {
     const [image, question] = args.positionals as [string, string];
     if (!question.trim()) throw new UsageError("ask: the question is empty");
     const generation = generationFromArgs(args);
-    const { blip2 } = await loadModel(args, io);
+    const { blip2 } = await loadModel(args, io, generation);
     try {
       const [r] = await blip2.captionAll([image], { ...generation, numReturnSequences: 1, prompt: vqaPrompt(question) });
       io.stdout.write(args.values.json ? `${JSON.stringify({ image, question, ids: r!.ids, text: r!.text, answer: r!.caption })}\n` : `${r!.caption}\n`);

@@ -20,7 +20,7 @@ export const caption: Command = {
     const generation = generationFromArgs(args);
     const batchSize = intOption(args, "batch-size", 1) ?? 4;
     const prompt = stringOption(args, "prompt");
-    const { blip2, progress } = await loadModel(args, io);
+    const { blip2, progress } = await loadModel(args, io, generation);
     try {
       for (let start = 0; start < images.length; start += batchSize) {
         progress.items("captioning", start, images.length);

@@ -1,11 +1,11 @@
 /** `blip2 quantize`: write a checkpoint folder whose linear weights are stored in lower precision. */
 import { Checkpoint } from "../../io/checkpoint.js";
 import { resolveModel } from "../../hub/download.js";
-import { parseDTypeSpec, resolveDTypes } from "../../quantize/dtype.js";
+import { resolveDTypes } from "../../quantize/dtype.js";
 import { writeConvertedFolder } from "../../quantize/export.js";
 import { requiredOption, stringOption, UsageError, type Command } from "../command.js";
 import { progressSink } from "../progress.js";
-import { DEFAULT_MODEL } from "../shared.js";
+import { DEFAULT_MODEL, dtypeOption } from "../shared.js";
 
 export const quantize: Command = {
   name: "quantize",
@@ -21,7 +21,8 @@ export const quantize: Command = {
   options: { model: { type: "string", short: "m" }, dtype: { type: "string" }, out: { type: "string" }, revision: { type: "string" }, quiet: { type: "boolean", short: "q" } },
   async run(args, io) {
     if (args.positionals.length) throw new UsageError(`quantize: unexpected argument ${JSON.stringify(args.positionals[0])}`);
-    const dtypes = resolveDTypes(parseDTypeSpec(requiredOption(args, "quantize", "dtype")));
+    requiredOption(args, "quantize", "dtype");
+    const dtypes = resolveDTypes(dtypeOption(args));
     const out = requiredOption(args, "quantize", "out");
     const progress = progressSink(io.stderr, args.values.quiet === true);
     const dir = await resolveModel(stringOption(args, "model") ?? DEFAULT_MODEL, { revision: stringOption(args, "revision"), progress: (p) => progress.download(p) });

@@ -1,0 +1,125 @@
+/**
+ * The CLI as a demanding user probes it (issue 28): long prompts and command lines, chats on small
+ * checkpoints, bad options, closed pipes. Each case failed before its fix.
+ */
+import { spawn } from "node:child_process";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { cli, cliWithInput, fixture } from "./helpers.js";
+
+const MAIN = path.join(path.dirname(fixture()), "..", "src", "cli", "main.ts");
+
+/** The CLI as a separate process (its own command line), with `input` on stdin. */
+function cliProcess(argv: string[], input = ""): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ["--import", "tsx", MAIN, ...argv], { stdio: ["pipe", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (c) => (stdout += c));
+    child.stderr.on("data", (c) => (stderr += c));
+    child.on("error", reject);
+    child.on("close", (code, signal) => resolve({ code, signal, stdout, stderr }));
+    child.stdin.end(input);
+  });
+}
+
+const oneLine = (stderr: string) => expect(stderr.trim().split("\n"), stderr).toHaveLength(1);
+
+describe("long prompts and command lines", () => {
+  it("a question of 30 kB on the command line is answered (ONNX Runtime's telemetry overflowed the worker's stack: exit 139)", async () => {
+    // Spaces: the T5 tokenizer folds them, so the prompt is short and only the command line is long.
+    const question = `what${" ".repeat(30_000)}is it?`;
+    const r = await cliProcess(["ask", "-q", "-m", fixture("tiny-blip2-t5"), "--max-new-tokens", "3", "--json", fixture("image0.png"), question]);
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).ids).toHaveLength(4);
+  }, 60_000);
+
+  it("T5 refuses a prompt beyond the 2048 positions blip2 gives its encoder, before running it", async () => {
+    const r = await cli("caption", "-m", fixture("tiny-blip2-t5"), "--prompt", "word ".repeat(1100), fixture("image0.png"));
+    expect(r.code).toBe(1);
+    oneLine(r.stderr);
+    expect(r.stderr).toMatch(/prompt too long: 22\d\d prompt tokens \(image tokens included\) exceed the 2048 positions blip2 gives T5's encoder/);
+  });
+
+  it("T5 refuses more new tokens than its decoder's 2048 positions", async () => {
+    const r = await cli("caption", "-m", fixture("tiny-blip2-t5"), "--max-new-tokens", "2048", fixture("image0.png"));
+    expect(r.code).toBe(1);
+    oneLine(r.stderr);
+    expect(r.stderr).toMatch(/2048 new tokens exceed the 2048 positions blip2 gives T5's decoder .*: at most 2047/);
+  });
+
+  it("OPT: new tokens that do not fit after the prompt are named as such, not as a prompt too long", async () => {
+    const r = await cli("caption", "-m", fixture("tiny-blip2-opt"), "--max-new-tokens", "200", fixture("image0.png"));
+    expect(r.code).toBe(1);
+    oneLine(r.stderr);
+    expect(r.stderr).not.toMatch(/prompt too long/);
+    expect(r.stderr).toMatch(/the prompt's 5 tokens \(image tokens included\) \+ 200 new tokens exceed the language model's 128 positions: at most 123 new tokens fit/);
+  });
+
+  it("a context window beyond the model's positions is refused before anything runs", async () => {
+    const r = await cliWithInput(`${"why ".repeat(10_000)}\n`, "chat", "-m", fixture("tiny-blip2-t5"), "--context-window", "100000", fixture("image0.png"));
+    expect(r.code).toBe(2);
+    oneLine(r.stderr);
+    expect(r.stderr).toMatch(/--context-window: this language model takes at most 2048 positions, got 100000/);
+    const opt = await cliWithInput("hi\n", "chat", "-m", fixture("tiny-blip2-opt"), "--context-window", "512", fixture("image0.png"));
+    expect(opt.code).toBe(2);
+    expect(opt.stderr).toMatch(/at most 128 positions, got 512/);
+  });
+});
+
+describe("blip2 chat", () => {
+  it("on a checkpoint of 128 positions, 30 piped questions get 30 answers: the default window is the model's, old turns dropped", async () => {
+    const questions = Array.from({ length: 30 }, (_, i) => `what is in picture ${i}?`).join("\n");
+    const r = await cliWithInput(`${questions}\n`, "chat", "-m", fixture("tiny-blip2-opt"), "--max-new-tokens", "4", fixture("image0.png"));
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout.trim().split("\n")).toHaveLength(30);
+    expect(r.stderr).not.toMatch(/error/);
+    expect(r.stderr).toMatch(/left out the \d+ oldest turns to stay within the context window/);
+  });
+
+  it("a chat whose every question failed exits 1", async () => {
+    const r = await cliWithInput(`${"why ".repeat(200)}\n${"how ".repeat(200)}\n`, "chat", "-m", fixture("tiny-blip2-opt"), "--max-new-tokens", "4", fixture("image0.png"));
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe("");
+    expect(r.stderr.match(/does not fit the 128-token window/g)).toHaveLength(2);
+  });
+
+  it("commands are case-insensitive; an unknown one gets a hint and is not asked", async () => {
+    const r = await cliWithInput("/foo\nwhat color is the circle?\n/RESET\n/Exit\nnever asked\n", "chat", "-m", fixture("tiny-blip2-opt"), "--max-new-tokens", "10", fixture("image0.png"));
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout.trim().split("\n")).toEqual(["::::::::::", "(conversation reset)"]);
+    expect(r.stderr).toMatch(/^blip2: unknown command \/foo \(\/reset forgets the conversation, \/exit quits\)/);
+  });
+});
+
+describe("usage errors exit 2, whichever option", () => {
+  it.each([
+    [["--dtype", "q7"], /invalid --dtype: expected one of .*, got "q7"/],
+    [["--dtype", "eyes=q8"], /unknown part "eyes"/],
+    [["--min-new-tokens", "50"], /minNewTokens \(50\) exceeds maxNewTokens \(20\)/],
+    [["--num-return-sequences", "3"], /numReturnSequences \(3\) exceeds numBeams \(1\)/],
+    [["--num-beams", "0"], /--num-beams: expected an integer >= 1/],
+  ])("caption %j", async (flags, message) => {
+    const r = await cli("caption", "-m", fixture("tiny-blip2-opt"), ...(flags as string[]), fixture("image0.png"));
+    expect(r.code, r.stderr).toBe(2);
+    oneLine(r.stderr);
+    expect(r.stderr).toMatch(message as RegExp);
+  });
+
+  it("quantize --dtype q7", async () => {
+    const r = await cli("quantize", "-m", fixture("tiny-blip2-opt"), "--dtype", "q7", "--out", "/tmp/never-written");
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/expected one of .*, got "q7"/);
+  });
+});
+
+describe("a retrieval checkpoint given to a generating command", () => {
+  it("names the commands that use it", async () => {
+    const r = await cli("caption", "-m", fixture("tiny-blip2-itm"), fixture("image0.png"));
+    expect(r.code).toBe(1);
+    oneLine(r.stderr);
+    expect(r.stderr).toMatch(/is an image-text retrieval checkpoint, which cannot generate text: use it with 'blip2 match', 'blip2 index' and 'blip2 search'/);
+    expect(r.stderr).not.toMatch(/load it with/);
+  });
+});
