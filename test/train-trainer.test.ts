@@ -67,12 +67,12 @@ describe("trainer", () => {
     }
   });
 
-  for (const [model, name] of [["hf-4.45/opt", "opt"], ["hf-4.45/t5", "t5"]] as const) {
-    it(`stage 2 (${name}) with dropout: 4 steps, a stop and 4 more equal 8 straight, bit for bit`, async () => {
+  for (const [model, name, stage] of [["hf-4.45/itm", "itm", 1], ["hf-4.45/opt", "opt", 2], ["hf-4.45/t5", "t5", 2]] as const) {
+    it(`stage ${stage} (${name}) with dropout: 4 steps, a stop and 4 more equal 8 straight, bit for bit`, async () => {
       const straight = path.join(tmp, `${name}-8`);
       const split = path.join(tmp, `${name}-4+4`);
       // With dropout on: its masks come from the trainer's generator, which the checkpoint keeps.
-      const opts = (out: string) => ({ ...base(2, model, out), batchSize: 2, prompt: "a photo of", saveEvery: 4, dropout: true });
+      const opts = (out: string) => ({ ...base(stage, model, out), batchSize: 2, prompt: "a photo of", saveEvery: 4, dropout: true });
       const lossesStraight: number[] = [];
       await train({ ...opts(straight), steps: 8, onStep: (s) => lossesStraight.push(s.losses.loss!) });
       const controller = new AbortController();
@@ -90,8 +90,10 @@ describe("trainer", () => {
       const input = tensorsOf(path.join(fixtures, model));
       for (const [n, info] of input) {
         const s = b.get(n)!;
+        // Stage 1 grew the word embeddings by [DEC]'s row (checked in the test above).
+        if (stage === 1 && n === "embeddings.word_embeddings.weight") continue;
         expect([s.dtype, s.shape], n).toEqual([info.dtype, info.shape]);
-        if (n.startsWith("language_model.")) expect(Buffer.compare(readTensorBytes(s), readTensorBytes(info)), n).toBe(0);
+        if (n.startsWith("language_model.") || n.startsWith("vision_model.encoder.")) expect(Buffer.compare(readTensorBytes(s), readTensorBytes(info)), n).toBe(0);
       }
     });
   }

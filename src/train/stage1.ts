@@ -4,9 +4,17 @@
  * ITC + ITM + ITG, forward and backward together.
  *
  * Image features come in before `vision_model.post_layernorm` (what a trainer can cache), and the
- * post-LayerNorm is trained (LAVIS's `ln_vision`). Hard negatives for ITM are drawn outside the
- * graph from the ITC similarities of the same batch (`itcGraph`, then `drawNegatives`), and come in
- * as indices.
+ * post-LayerNorm is trained (LAVIS's `ln_vision`).
+ *
+ * Three Q-Former passes per step, as few as the losses allow:
+ * - queries and the [DEC] text together under the multimodal causal mask: the query rows see only
+ *   queries, so they are the ITC image side's query output, and the text rows give ITG (LAVIS runs
+ *   the queries once and reuses their keys and values for ITG; this is that, in one pass);
+ * - the text alone (ITC's text side);
+ * - queries and text for the 3B ITM pairs.
+ * Hard negatives for ITM are drawn inside the graph from the ITC similarities (inverse CDF of each
+ * row's softmax against uniforms the trainer feeds, so its generator decides them and a resumed
+ * run draws the same), or given as indices.
  */
 import type { Blip2Config } from "../config.js";
 import type { Checkpoint } from "../io/checkpoint.js";
@@ -45,20 +53,14 @@ function stage1Inputs(g: Graph, cfg: Blip2Config, s: Stage1Shape): Stage1Inputs 
   };
 }
 
-/** The image side: post-LayerNorm of the cached features, then the queries cross-attending to them. */
-function imageSide(root: Params, cfg: Blip2Config, features: Value, dropout?: DropoutContext) {
-  const imageEmbeds = layerNormLayer(root.at("vision_model.post_layernorm"), features, cfg.vision.hiddenSize, cfg.vision.layerNormEps);
-  const queryTokens = root.get("query_tokens", [1, cfg.numQueryTokens, cfg.qformer.hiddenSize]);
-  const queryOutput = qformer(root.at("qformer"), cfg.qformer, {
-    queryEmbeds: expandToBatch(queryTokens, imageEmbeds),
-    textEmbeds: null,
-    attentionMask: null,
-    imageEmbeds,
-    queryLength: cfg.numQueryTokens,
-    dropout,
-  }).lastHiddenState;
-  const imageFeats = normalize(linearLayer(root.at("vision_projection"), queryOutput, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize));
-  return { imageEmbeds, queryTokens, imageFeats };
+/** The image embeddings: post-LayerNorm of the cached features (trained, LAVIS's `ln_vision`). */
+function imageEmbeddings(root: Params, cfg: Blip2Config, features: Value): Value {
+  return layerNormLayer(root.at("vision_model.post_layernorm"), features, cfg.vision.hiddenSize, cfg.vision.layerNormEps);
+}
+
+/** ITC's image side: each query's output projected and normalized. */
+function imageFeatsOf(root: Params, cfg: Blip2Config, queryOutput: Value): Value {
+  return normalize(linearLayer(root.at("vision_projection"), queryOutput, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize));
 }
 
 /** The text side: the Q-Former over the text alone, the [CLS] output projected and normalized. */
@@ -75,29 +77,14 @@ function textSide(root: Params, cfg: Blip2Config, inputIds: Value, attentionMask
   return normalize(linearLayer(root.at("text_projection"), cls, cfg.qformer.hiddenSize, cfg.imageTextHiddenSize));
 }
 
-/**
- * ITC similarities only (no gradient): what hard negatives are drawn from. With `dropout`, its
- * sites come in the order of `stage1Graph`'s first ones, so the same `dropout_seed` gives the
- * similarities of that step's forward pass, which LAVIS draws its negatives from.
- */
-export function itcGraph(ckpt: Checkpoint, s: Stage1Shape, options: { dropout?: boolean } = {}): Graph {
-  const cfg = ckpt.config;
-  const g = new Graph("stage1_itc");
-  // The trained tensors' current values come from the trainer, as in the training graph.
-  g.trainable = stage1Trained;
-  const root = new Params(g, ckpt);
-  const x = stage1Inputs(g, cfg, s);
-  const dropout = options.dropout ? DropoutContext.input(g) : undefined;
-  const { imageFeats } = imageSide(root, cfg, x.features, dropout);
-  const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask, dropout), root.get("temp", []));
-  g.output(itc.simI2t, "sim_i2t");
-  g.output(itc.simT2i, "sim_t2i");
-  return g;
-}
-
 export interface Stage1GraphOptions {
   /** Also output the ITM and ITG logits (for tests and `blip2 grad`). */
   logits?: boolean;
+  /**
+   * "given": the hard negatives come in as `image_for_text`/`text_for_image` [B]; "drawn" (default):
+   * drawn in the graph with the uniforms `negative_draws` [2, B] (texts' images, then images' texts).
+   */
+  negatives?: "given" | "drawn";
   /**
    * Dropout in the Q-Former at the config's rates, its masks drawn from an int64 scalar input
    * `dropout_seed` (models/dropout.ts). The image encoder is frozen and runs without dropout, in
@@ -110,9 +97,9 @@ export interface Stage1GraphOptions {
  * The stage-1 training graph. Inputs: `image_features` [B, N, D] (before post_layernorm),
  * `input_ids`/`attention_mask` [B, T], `decoder_input_ids` [B, T] (the ids with [DEC] first),
  * `itg_bias` [B, 1, Q + T, Q + T] (`multimodalCausalBias`), `itg_targets`/`itg_weights` [B, T - 1]
- * (`shiftedTargets`), `image_for_text`/`text_for_image` [B] (the hard negatives), and every trained
- * tensor under its checkpoint name. Outputs: `loss`, `loss_itc`, `loss_itm`, `loss_itg`,
- * `sim_i2t`, `sim_t2i`, and `grad.<name>` for every trained tensor.
+ * (`shiftedTargets`), the hard negatives (see `negatives`), and every trained tensor under its
+ * checkpoint name. Outputs: `loss`, `loss_itc`, `loss_itm`, `loss_itg`, `sim_i2t`, `sim_t2i`,
+ * `image_for_text`, `text_for_image`, and `grad.<name>` for every trained tensor.
  */
 export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1GraphOptions = {}): Graph {
   const cfg = ckpt.config;
@@ -126,13 +113,35 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const itgBias = g.input("itg_bias", "float32", [s.batch, 1, q + s.length, q + s.length]);
   const itgTargets = g.input("itg_targets", "int64", [s.batch, s.length - 1]);
   const itgWeights = g.input("itg_weights", "float32", [s.batch, s.length - 1]);
-  const imageForText = g.input("image_for_text", "int64", [s.batch]);
-  const textForImage = g.input("text_for_image", "int64", [s.batch]);
   const dropout = options.dropout ? DropoutContext.input(g) : undefined;
+  const imageEmbeds = imageEmbeddings(root, cfg, x.features);
+  const queryTokens = root.get("query_tokens", [1, q, d]);
 
-  // The image and text sides first, as in itcGraph: their dropout sites are numbered alike.
-  const { imageEmbeds, queryTokens, imageFeats } = imageSide(root, cfg, x.features, dropout);
+  // Queries and the [DEC] text in one pass: the query rows are ITC's, the text rows ITG's.
+  const joint = qformer(root.at("qformer"), cfg.qformer, {
+    queryEmbeds: expandToBatch(queryTokens, imageEmbeds),
+    textEmbeds: qformerTextEmbeddings(root.at("embeddings"), cfg.qformer, decoderIds),
+    attentionMask: null,
+    attentionBias: itgBias,
+    imageEmbeds,
+    queryLength: q,
+    dropout,
+  }).lastHiddenState;
+  const imageFeats = imageFeatsOf(root, cfg, op.slice(joint, [0], [q], [1]));
   const itc = itcLoss(imageFeats, textSide(root, cfg, x.inputIds, x.attentionMask, dropout), root.get("temp", []));
+  const itgLogits = itgHead(root, cfg, op.slice(joint, [q], [2 ** 62], [1]));
+  const lossItg = itgLoss(itgLogits, itgTargets, itgWeights);
+
+  let imageForText: Value;
+  let textForImage: Value;
+  if (options.negatives === "given") {
+    imageForText = g.input("image_for_text", "int64", [s.batch]);
+    textForImage = g.input("text_for_image", "int64", [s.batch]);
+  } else {
+    const draws = g.input("negative_draws", "float32", [2, s.batch]);
+    imageForText = drawNegatives(itc.simT2i, op.squeeze(op.slice(draws, [0], [1], [0]), [0]));
+    textForImage = drawNegatives(itc.simI2t, op.squeeze(op.slice(draws, [1], [2], [0]), [0]));
+  }
 
   // ITM: B positive pairs, B texts with a hard negative image, B images with a hard negative text.
   const same = g.constant(BigInt64Array.from({ length: s.batch }, (_, i) => BigInt(i)), "int64", [s.batch]);
@@ -153,19 +162,6 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const itmLogits = op.reduceMean(linearLayer(root.at("itm_head"), op.slice(itmOut, [0], [q], [1]), d, 2), [1], false);
   const lossItm = itmLoss(itmLogits);
 
-  // ITG: the queries and the text with [DEC] first, in one pass under the multimodal causal mask.
-  const itgOut = qformer(root.at("qformer"), cfg.qformer, {
-    queryEmbeds: expandToBatch(queryTokens, imageEmbeds),
-    textEmbeds: qformerTextEmbeddings(root.at("embeddings"), cfg.qformer, decoderIds),
-    attentionMask: null,
-    attentionBias: itgBias,
-    imageEmbeds,
-    queryLength: q,
-    dropout,
-  }).lastHiddenState;
-  const itgLogits = itgHead(root, cfg, op.slice(itgOut, [q], [2 ** 62], [1]));
-  const lossItg = itgLoss(itgLogits, itgTargets, itgWeights);
-
   const loss = op.add(op.add(itc.loss, lossItm), lossItg);
   g.output(loss, "loss");
   g.output(itc.loss, "loss_itc");
@@ -173,6 +169,8 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   g.output(lossItg, "loss_itg");
   g.output(itc.simI2t, "sim_i2t");
   g.output(itc.simT2i, "sim_t2i");
+  g.output(imageForText, "image_for_text_drawn");
+  g.output(textForImage, "text_for_image_drawn");
   if (options.logits) {
     g.output(itmLogits, "itm_logits");
     g.output(itgLogits, "itg_logits");
@@ -180,6 +178,22 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const trained = [...g.trained.entries()];
   gradients(loss, trained.map(([, v]) => v)).forEach((grad, i) => g.output(grad, `grad.${trained[i]![0]}`));
   return g;
+}
+
+/**
+ * One index per row of `sim` [B, B], drawn from softmax(row) with the row's own pair excluded, given `u` in (0, 1]
+ * (LAVIS sets the diagonal to -10000 before the softmax): the first index whose cumulative weight
+ * exceeds the row's uniform `u` [B]. Integers all the way, so no gradient flows through the draw.
+ */
+function drawNegatives(sim: Value, u: Value): Value {
+  const g = sim.graph;
+  const b = sim.dim(0) as number;
+  const eye = g.constant(Uint8Array.from({ length: b * b }, (_, i) => (i % (b + 1) === 0 ? 1 : 0)), "bool", [b, b]);
+  const cumulative = op.cumsum(op.softmax(op.where(eye, g.scalar(-10000), sim), -1), 1);
+  // u in (0, 1] scaled to the row's total (1 up to rounding): the draw never lands past the end.
+  const target = op.mul(op.unsqueeze(u, [1]), op.reduceMax(cumulative, [1]));
+  const below = op.cast(op.less(cumulative, target), "int64");
+  return op.min(op.reduceSum(below, [1], false), g.scalar(b - 1, "int64"));
 }
 
 /**

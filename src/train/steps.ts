@@ -11,7 +11,7 @@ import { DROPOUT_SEED } from "../models/dropout.js";
 import { CompiledGraph, type RuntimeOptions } from "../runtime/session.js";
 import { shiftedTargets } from "./losses.js";
 import type { Rng } from "./rng.js";
-import { itcGraph, multimodalCausalBias, stage1Graph, type Stage1Shape } from "./stage1.js";
+import { multimodalCausalBias, stage1Graph, type Stage1Shape } from "./stage1.js";
 import { stage2Feeds, stage2Graph, type Stage2Batch, type Stage2Shape } from "./stage2.js";
 
 export interface StepOutput {
@@ -117,63 +117,45 @@ export class Stage1Step {
   }
 
   /**
-   * Loss terms and gradients for a batch. `negatives`: given, or drawn with `rng` from the ITC
-   * similarities (LAVIS: softmax of each row with its own pair masked out).
+   * Loss terms and gradients for a batch. `negatives`: given, or drawn in the graph from the ITC
+   * similarities (LAVIS: softmax of each row with its own pair masked out) with uniforms from `rng`.
    */
   async run(batch: Stage1Batch, features: ort.Tensor, params: ReadonlyMap<string, Float32Array>, negatives: Negatives | Rng, options: { logits?: boolean } & StepOptions = {}): Promise<StepOutput> {
     const shape: Stage1Shape = { batch: batch.inputIds.length, length: batch.inputIds[0]!.length };
     const dropout = options.dropoutSeed !== undefined;
-    const text = { image_features: features, input_ids: int64(batch.inputIds), attention_mask: int64(batch.attentionMask), ...dropoutFeed(options.dropoutSeed) };
-    let chosen: Negatives;
-    if ("imageForText" in negatives) {
-      chosen = negatives;
-    } else {
-      // With dropout, the similarities of this step's forward pass: the same seed, the same masks.
-      const itc = await this.graphs.get(`itc ${shape.batch}x${shape.length}${dropout ? " dropout" : ""}`, () => itcGraph(this.checkpoint, shape, { dropout }));
-      const sims = await runTraining(itc.graph, itc.session, { ...text }, params);
-      chosen = drawNegatives(sims.outputs.sim_i2t!.data as Float32Array, sims.outputs.sim_t2i!.data as Float32Array, shape.batch, negatives);
-    }
+    const given = "imageForText" in negatives;
     const q = this.checkpoint.config.numQueryTokens;
     const decoderIds = batch.inputIds.map((row) => [batch.decTokenId, ...row.slice(1)]);
     const labels = decoderIds.map((row, i) => row.map((id, j) => (batch.attentionMask[i]![j] === 0 || id === batch.padTokenId ? -100 : id)));
     const itg = shiftedTargets(labels);
-    const key = `stage1 ${shape.batch}x${shape.length}${options.logits ? " logits" : ""}${dropout ? " dropout" : ""}`;
-    const { graph, session } = await this.graphs.get(key, () => stage1Graph(this.checkpoint, shape, { logits: options.logits, dropout }));
-    const out = await runTraining(graph, session, {
-      ...text,
+    const feeds: Record<string, ort.Tensor> = {
+      image_features: features,
+      input_ids: int64(batch.inputIds),
+      attention_mask: int64(batch.attentionMask),
+      ...dropoutFeed(options.dropoutSeed),
       decoder_input_ids: int64(decoderIds),
       itg_bias: new ort.Tensor("float32", multimodalCausalBias(batch.attentionMask, q), [shape.batch, 1, q + shape.length, q + shape.length]),
       itg_targets: new ort.Tensor("int64", itg.targets, itg.shape),
       itg_weights: new ort.Tensor("float32", itg.weights, itg.shape),
-      image_for_text: vector(chosen.imageForText),
-      text_for_image: vector(chosen.textForImage),
-    }, params);
-    out.outputs.image_for_text = vector(chosen.imageForText);
-    out.outputs.text_for_image = vector(chosen.textForImage);
+    };
+    if (given) {
+      feeds.image_for_text = vector(negatives.imageForText);
+      feeds.text_for_image = vector(negatives.textForImage);
+    } else {
+      // In (0, 1]: see stage1.ts's drawNegatives.
+      feeds.negative_draws = new ort.Tensor("float32", Float32Array.from({ length: 2 * shape.batch }, () => 1 - negatives.uniform()), [2, shape.batch]);
+    }
+    const key = `stage1 ${shape.batch}x${shape.length}${options.logits ? " logits" : ""}${dropout ? " dropout" : ""}${given ? " given" : ""}`;
+    const { graph, session } = await this.graphs.get(key, () => stage1Graph(this.checkpoint, shape, { logits: options.logits, dropout, negatives: given ? "given" : "drawn" }));
+    const out = await runTraining(graph, session, feeds, params);
+    out.outputs.image_for_text = out.outputs.image_for_text_drawn!;
+    out.outputs.text_for_image = out.outputs.text_for_image_drawn!;
     return out;
   }
 
   release(): Promise<void> {
     return this.graphs.release();
   }
-}
-
-/**
- * Hard negatives from the ITC similarities [B, B]: for text i an image drawn from
- * softmax(sim_t2i[i]) with its own image excluded, for image i a text from softmax(sim_i2t[i]) likewise.
- */
-export function drawNegatives(simI2t: Float32Array, simT2i: Float32Array, batch: number, rng: Rng): Negatives {
-  const draw = (sim: Float32Array) =>
-    Array.from({ length: batch }, (_, i) => {
-      const row = Array.from(sim.subarray(i * batch, (i + 1) * batch));
-      row[i] = -10000;
-      const top = Math.max(...row);
-      const weights = row.map((s) => Math.exp(s - top));
-      return batch === 1 ? 0 : rng.multinomial(weights);
-    });
-  const imageForText = draw(simT2i);
-  const textForImage = draw(simI2t);
-  return { imageForText, textForImage };
 }
 
 export class Stage2Step {
