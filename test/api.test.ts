@@ -126,7 +126,7 @@ describe("chat", () => {
         dropped.push(prompt.droppedTurns);
       }
       await chat.dispose();
-      return { dropped, drops: new Set(dropped).size - 1, positions: decode.mock.calls.reduce((n, [embeds]) => n + embeds.dims[1]!, 0) };
+      return { dropped, drops: new Set(dropped).size - 1, positions: decode.mock.calls.reduce((n, [inputs]) => n + inputs.ids[0]!.length, 0) };
     };
     const fit = await talk();
     const half = await talk(0.5);
@@ -149,7 +149,7 @@ describe("chat", () => {
       await chat.dispose();
       await expect(chat.ask("and now?")).rejects.toThrow(/this chat was disposed/);
       // Prefills and steps: the positions the language model ran.
-      return { answers, positions: decode.mock.calls.reduce((n, [embeds]) => n + embeds.dims[1]!, 0) };
+      return { answers, positions: decode.mock.calls.reduce((n, [inputs]) => n + inputs.ids[0]!.length, 0) };
     };
     const kept = await talk(true);
     const whole = await talk(false);
@@ -171,7 +171,7 @@ describe("chat", () => {
     decode.mockClear();
     const after = await chat.ask("where?", { maxNewTokens: 4 });
     // Its prefill ran the whole prompt: the failed turn's cache was not kept.
-    expect(decode.mock.calls[0]![0].dims[1]).toBe(whole);
+    expect(decode.mock.calls[0]![0].ids[0]!.length).toBe(whole);
     decode.mockRestore();
     const fresh = await b.chat(fixture("image0.png"), { keepCache: false });
     fresh.history.push(...chat.history.slice(0, 1));

@@ -97,6 +97,20 @@ describe.each(["opt", "t5"])("hf-4.45/%s generate (transformers 4.45)", (variant
   });
 });
 
+describe("OPT's session runs", () => {
+  it("one per decoding step: the tokens' embeddings and the image's queries are placed in the decoder graph", async () => {
+    const { rt, options, ref, json } = setup("tiny-blip2-opt");
+    await rt.prepare();
+    const runs = vi.spyOn(CompiledGraph.prototype, "run");
+    const cs = json.cases["1"];
+    const out = await generateIds(rt, { pixelValues: ref.get("case1.pixel_values")!.data, inputIds: [cs.input_ids], attentionMask: [cs.attention_mask] }, options({ maxNewTokens: 10, minNewTokens: 10 }));
+    expect(out.sequences).toEqual([cs.greedy_min10_ids]);
+    // The image, the prompt, then 9 steps (the 10th token is never fed back).
+    expect(runs.mock.contexts.map((s) => s.name)).toEqual(["image", ...new Array(10).fill("opt_decoder")]);
+    runs.mockRestore();
+  });
+});
+
 describe("a kept cache (a conversation's next turn)", () => {
   it.each([
     ["image tokens", {}],
@@ -121,7 +135,7 @@ describe("a kept cache (a conversation's next turn)", () => {
     const next = [...turn1.ids, 263, 395, 291];
     const decode = vi.spyOn(rt, "optDecode");
     const reused = await run(next, kept);
-    const prefillLength = decode.mock.calls[0]![0].dims[1];
+    const prefillLength = decode.mock.calls[0]![0].ids[0]!.length;
     decode.mockRestore();
     const whole = await run(next);
     // The cache held the first prompt and 5 of its 6 new tokens (the last is never fed).
@@ -133,7 +147,7 @@ describe("a kept cache (a conversation's next turn)", () => {
     const other = (await rt.image(ref.get("case2.pixel_values")!.data, 1)).language_model_inputs!;
     const spy = vi.spyOn(rt, "optDecode");
     await generateIds(rt, { imageFeatures: other, inputIds: [next], attentionMask: [next.map(() => 1)], keptCache: kept }, g);
-    expect(spy.mock.calls[0]![0].dims[1]).toBe(queries + next.length);
+    expect(spy.mock.calls[0]![0].ids[0]!.length).toBe(queries + next.length);
     spy.mockRestore();
   });
 });

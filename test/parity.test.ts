@@ -32,8 +32,7 @@ const rows = (ref: RefTensor) => {
 
 /** Runs the language model on prepared inputs; returns its outputs (logits, hidden states). */
 async function languageModel(rt: Blip2Runtime, image: Tensors, inputIds: number[][], attentionMask: number[][], decoderInputIds?: number[][]): Promise<Tensors> {
-  const { embeds, mask } = await rt.inputsEmbeds(inputIds, attentionMask, image.language_model_inputs!);
-  return rt.forward(embeds, mask, { decoderInputIds });
+  return rt.forward(inputIds, attentionMask, image.language_model_inputs!, { decoderInputIds });
 }
 
 describe.each(["tiny-blip2-opt", "tiny-blip2-t5"])("%s (transformers 5.17)", (name) => {

@@ -333,14 +333,15 @@ describe("quantized OPT prompts of several rows", () => {
     const images = [fixture("image0.png"), fixture("image1.png")];
     const inputs = await b.processor({ images, text: ref.batch.prompts, paddingSide: "left" });
     const features = await b.model.imageFeatures(inputs.pixelValues!, 2);
-    const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, features);
+    const prompts = rt.optPrompt(inputs.inputIds, inputs.attentionMask, features);
     /** Last-position logits of the prompt (`rowsPerRun` rows per pass), then of one more token (id 5), for `rows`. */
     const run = async (rows: number[], rowsPerRun?: number) => {
-      const width = embeds.dims[1]!;
-      const part = gatherRows(embeds, rows);
+      const width = prompts.ids[0]!.length;
+      const pick = (list: number[][]) => rows.map((r) => list[r]!);
+      const part = { ids: pick(prompts.ids), imageIndex: pick(prompts.imageIndex), image: gatherRows(prompts.image, rows), mask: pick(prompts.mask) };
       const c = await rt.newCache(rows.length, width + 1);
-      const prompt = (await rt.optDecode(part, rows.map((r) => mask[r]!), c, true, rowsPerRun)).logits!.data as Float32Array;
-      const step = (await rt.optDecode(await rt.embed(rows.map(() => [5])), rows.map(() => [1]), c, true)).logits!.data as Float32Array;
+      const prompt = (await rt.optDecode(part, c, true, rowsPerRun)).logits!.data as Float32Array;
+      const step = (await rt.optDecode(rt.optStep(rows.map(() => 5)), c, true)).logits!.data as Float32Array;
       await c.drop();
       return { prompt, step };
     };

@@ -9,7 +9,7 @@
  */
 import type * as ort from "onnxruntime-node";
 import { Blip2Error } from "../errors.js";
-import type { Blip2Runtime } from "../runtime/blip2Runtime.js";
+import type { Blip2Runtime, OptInputs } from "../runtime/blip2Runtime.js";
 import { gatherRows } from "../runtime/kvCache.js";
 import type { CacheHandle } from "../runtime/session.js";
 import { tensor } from "../runtime/session.js";
@@ -60,7 +60,7 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   // worker creates its session while the language model's are created (see Blip2Runtime.prepare).
   await rt.prepare();
   const batch = inputs.inputIds.length;
-  const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, await imageFeatures(rt, inputs));
+  const image = await imageFeatures(rt, inputs);
   // Beam search and multiple samples run one row per beam/sample, rows of an input adjacent. The
   // copies of a prompt are the same, so each prompt runs once and its results are copied.
   const copies = g.numBeams > 1 ? g.numBeams : g.numReturnSequences;
@@ -68,10 +68,12 @@ export async function generateIds(rt: Blip2Runtime, inputs: GenerateInputs, g: R
   let decoding: OptDecoding | T5Decoding;
   let prompts: number[][];
   if (rt.config.text.modelType === "opt") {
+    const prompt = rt.optPrompt(inputs.inputIds, inputs.attentionMask, image);
     const kept = inputs.keptCache && rows.length === 1 && inputs.imageFeatures ? inputs.keptCache : undefined;
-    decoding = new OptDecoding(rt, embeds, mask, rows, g.maxNewTokens, kept && { kept, image: inputs.imageFeatures!, ids: promptPositions(inputs.inputIds[0]!, embeds.dims[1]!) });
+    decoding = new OptDecoding(rt, prompt, rows, g.maxNewTokens, kept && { kept, image: inputs.imageFeatures!, ids: promptPositions(inputs.inputIds[0]!, prompt.ids[0]!.length) });
     prompts = rows.map((r) => inputs.inputIds[r]!);
   } else {
+    const { embeds, mask } = await rt.inputsEmbeds(inputs.inputIds, inputs.attentionMask, image);
     const encoder = await rt.t5Encode(embeds, mask);
     decoding = new T5Decoding(rt, encoder.last_hidden_state!, rows.length, mask, g.decoderStartTokenId, g.maxNewTokens);
     prompts = rows.map(() => [g.decoderStartTokenId]);
@@ -132,14 +134,13 @@ class OptDecoding implements DecodingModel {
   private cache: CacheHandle | null = null;
 
   /**
-   * `rows`: the prompt (of `embeds` and `promptMask`) each decoding row continues. `conversation`
-   * (one prompt, one row): the kept cache, and the image and ids of this prompt's positions, to
-   * which each step's token is added.
+   * `rows`: the prompt (of `prompt`) each decoding row continues. `conversation` (one prompt, one
+   * row): the kept cache, and the image and ids of this prompt's positions, to which each step's
+   * token is added.
    */
   constructor(
     private readonly rt: Blip2Runtime,
-    private readonly embeds: ort.Tensor,
-    private readonly promptMask: number[][],
+    private readonly prompt: OptInputs,
     private readonly rows: number[],
     private readonly maxNewTokens: number,
     private readonly conversation?: { kept: KeptCache; image: ort.Tensor; ids: number[] },
@@ -151,13 +152,16 @@ class OptDecoding implements DecodingModel {
 
   /** Each prompt once, into the cache's first rows, which are then copied to the rows that continue it. */
   async prefill(): Promise<Float32Array> {
-    const [cache, from] = await this.promptCache(this.embeds.dims[1]! + this.maxNewTokens);
+    const [cache, from] = await this.promptCache(this.promptLength + this.maxNewTokens);
     this.cache = cache;
-    const embeds = sliceLength(this.embeds, from);
-    const mask = this.promptMask.map((row) => row.slice(from));
-    const logits = lastPosition((await this.rt.optDecode(embeds, mask, cache, true)).logits!);
+    const logits = lastPosition((await this.rt.optDecode(positionsFrom(this.prompt, from), cache, true)).logits!);
     await cache.reorder(this.rows);
-    return gatherRows(tensor.f32(logits, [this.promptMask.length, this.vocabSize]), this.rows).data as Float32Array;
+    return gatherRows(tensor.f32(logits, [this.prompt.ids.length, this.vocabSize]), this.rows).data as Float32Array;
+  }
+
+  /** Positions of a prompt, image queries included. */
+  private get promptLength(): number {
+    return this.prompt.ids[0]!.length;
   }
 
   /**
@@ -182,15 +186,14 @@ class OptDecoding implements DecodingModel {
   }
 
   async step(tokens: number[]): Promise<Float32Array> {
-    const embeds = await this.rt.embed(tokens.map((t) => [t]));
-    const logits = lastPosition((await this.rt.optDecode(embeds, tokens.map(() => [1]), this.cache!, true)).logits!);
+    const logits = lastPosition((await this.rt.optDecode(this.rt.optStep(tokens), this.cache!, true)).logits!);
     this.conversation?.ids.push(tokens[0]!);
     return logits;
   }
 
   /** Beams move within their prompt's rows, which hold the same prompt slots. */
   reorder(index: number[]): Promise<void> {
-    return this.cache!.reorder(index, this.embeds.dims[1]!);
+    return this.cache!.reorder(index, this.promptLength);
   }
 
   /** Drops the cache, or keeps it for the conversation's next prompt when the generation completed. */
@@ -213,6 +216,13 @@ function sliceLength(t: ort.Tensor, from: number): ort.Tensor {
   const out = new Float32Array(batch * (length - from) * d);
   for (let b = 0; b < batch; b++) out.set(src.subarray((b * length + from) * d, (b + 1) * length * d), b * (length - from) * d);
   return tensor.f32(out, [batch, length - from, d]);
+}
+
+/** Positions `from`.. of OPT's inputs (the image stays whole: the positions name its queries). */
+function positionsFrom(inputs: OptInputs, from: number): OptInputs {
+  if (from === 0) return inputs;
+  const cut = (rows: number[][]) => rows.map((row) => row.slice(from));
+  return { ids: cut(inputs.ids), imageIndex: cut(inputs.imageIndex), image: inputs.image, mask: cut(inputs.mask) };
 }
 
 class T5Decoding implements DecodingModel {

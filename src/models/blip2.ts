@@ -1,11 +1,13 @@
 /**
  * The graphs of Blip2ForConditionalGeneration, one per session: image -> language-model inputs
- * (vision encoder, Q-Former, language projection), token embeddings, and the language model's
- * decoder step (OPT) or encoder / cross keys-values / decoder step (T5).
+ * (vision encoder, Q-Former, language projection), and the language model's decoder step (OPT:
+ * token embeddings and the image's queries placed in the graph) or token embeddings and encoder /
+ * cross keys-values / decoder step (T5).
  */
 import type { Blip2Config, OptConfig, T5Config } from "../config.js";
 import type { Checkpoint } from "../io/checkpoint.js";
-import { Graph, type Target, type Value } from "../ir/graph.js";
+import { attr, Graph, type Target, type Value } from "../ir/graph.js";
+import * as op from "../ir/ops.js";
 import { Params, expandToBatch, linearLayer } from "./layers.js";
 import { optDecoder, optEmbedTokens, pastInputs } from "./opt.js";
 import { qformer } from "./qformer.js";
@@ -93,19 +95,42 @@ export function embedGraph(ckpt: Checkpoint, options: GraphOptions = {}): Graph 
   return g;
 }
 
-/** One OPT pass over new positions with the key/value cache. */
+/**
+ * One OPT pass over new positions with the key/value cache, from their token ids: `image_index`
+ * places the image's projected queries (`image_embeds`, per row) at the positions that take them,
+ * so a prompt and each decoding step are one run of one session. A step gives no queries.
+ */
 export function optDecoderGraph(ckpt: Checkpoint, cfg: OptConfig, options: GraphOptions = {}): Graph {
   const g = new Graph("opt_decoder", options.target);
-  const embeds = g.input("inputs_embeds", "float32", ["batch", "length", cfg.wordEmbedProjDim]);
+  const ids = g.input("input_ids", "int64", ["batch", "length"]);
+  const imageEmbeds = g.input("image_embeds", "float32", ["batch", "queries", cfg.wordEmbedProjDim]);
+  const imageIndex = g.input("image_index", "int64", ["batch", "length"]);
   const mask = g.input("attention_mask", "int64", ["batch", "total"]);
   const past = pastInputs(g, cfg);
   const logitsAt = g.input("logits_positions", "int64", ["positions"]);
   const root = new Params(g, ckpt, "language_model.");
-  const out = optDecoder(root.at("model.decoder"), root, cfg, embeds, mask, past, logitsAt);
+  const decoder = root.at("model.decoder");
+  const embeds = placeQueries(optEmbedTokens(decoder, cfg, ids), imageEmbeds, imageIndex);
+  const out = optDecoder(decoder, root, cfg, embeds, mask, past, logitsAt);
   g.output(out.logits, "logits");
   outputNewKeyValues(g, out.present);
   if (options.hiddenStates) outputList(g, "lm_hidden_states", out.hiddenStates);
   return g;
+}
+
+/**
+ * The input embeddings [B, S, D]: at a position whose `imageIndex` is k > 0, the row's k-th query
+ * of `imageEmbeds` [B, Q, D]; elsewhere the token's embedding (`tokens`). Index 0 reads a zero slot
+ * put before the queries, so rows without queries (Q = 0, a decoding step) gather nothing out of
+ * range.
+ */
+function placeQueries(tokens: Value, imageEmbeds: Value, imageIndex: Value): Value {
+  const g = tokens.graph;
+  const d = tokens.dim(-1) as number;
+  const slots = op.concat([expandToBatch(g.constant(new Float32Array(d), "float32", [1, 1, d]), imageEmbeds), imageEmbeds], 1);
+  // GatherND with one batch dimension: row b, position s reads slots[b, imageIndex[b, s]].
+  const [queries] = g.addNode("GatherND", [slots, op.unsqueeze(imageIndex, [-1])], { batch_dims: attr.int(1) }, [{ dtype: "float32", shape: tokens.shape }]);
+  return op.where(op.unsqueeze(op.less(g.scalar(0, "int64"), imageIndex), [-1]), queries!, tokens);
 }
 
 export function t5EncoderGraph(ckpt: Checkpoint, cfg: T5Config, options: GraphOptions = {}): Graph {

@@ -14,6 +14,18 @@ import { runImages, SessionCache, tensor, VISION_SESSION, type CacheHandle, type
 
 export type Tensors = Record<string, ort.Tensor>;
 
+/**
+ * New positions of OPT rows, as its decoder graph takes them: token ids, and where the image's
+ * projected queries go (`imageIndex` k > 0: query k of the row's `image` [rows, Q, D]; 0: the
+ * token's embedding). `mask` is their attention mask.
+ */
+export interface OptInputs {
+  ids: number[][];
+  imageIndex: number[][];
+  image: ort.Tensor;
+  mask: number[][];
+}
+
 
 export class Blip2Runtime {
   private readonly sessions: SessionCache;
@@ -33,9 +45,10 @@ export class Blip2Runtime {
   private graphs(): Record<string, (target: Target) => Graph> {
     const ck = this.checkpoint;
     const o = (target: Target) => ({ hiddenStates: this.options.hiddenStates, target });
-    const common = { image: (t: Target) => imageGraph(ck, { ...o(t), project: true }), embed: (t: Target) => embedGraph(ck, o(t)) };
-    if (this.config.text.modelType === "opt") return { ...common, opt_decoder: (t) => optDecoderGraph(ck, this.opt, o(t)) };
-    return { ...common, t5_encoder: (t) => t5EncoderGraph(ck, this.t5, o(t)), t5_cross: (t) => t5CrossGraph(ck, this.t5, o(t)), t5_decoder: (t) => t5DecoderGraph(ck, this.t5, o(t)) };
+    const image = (t: Target) => imageGraph(ck, { ...o(t), project: true });
+    // OPT's decoder embeds its tokens itself (one run per step); T5 embeds a prompt once.
+    if (this.config.text.modelType === "opt") return { image, opt_decoder: (t) => optDecoderGraph(ck, this.opt, o(t)) };
+    return { image, embed: (t: Target) => embedGraph(ck, o(t)), t5_encoder: (t) => t5EncoderGraph(ck, this.t5, o(t)), t5_cross: (t) => t5CrossGraph(ck, this.t5, o(t)), t5_decoder: (t) => t5DecoderGraph(ck, this.t5, o(t)) };
   }
 
   private session(name: string): Promise<CompiledGraph> {
@@ -76,39 +89,58 @@ export class Blip2Runtime {
   }
 
   /**
-   * The language model's input embeddings for a prompt. As in transformers, the config decides:
-   * with an `image_token_index`, the projected queries replace the embeddings at the `<image>`
-   * tokens (a prompt without them leaves the image unused, which transformers does silently and we
-   * warn about); without one ("legacy" checkpoints), the queries go before the text and the mask is
-   * extended to cover them.
+   * Where a prompt's positions take the image's projected queries. As in transformers, the config
+   * decides: with an `image_token_index`, the queries replace the embeddings at the `<image>` tokens
+   * (a prompt without them leaves the image unused, which transformers does silently and we warn
+   * about); without one ("legacy" checkpoints), the queries go before the text and the mask is
+   * extended to cover them. Per row: `slots`, each position's query (k > 0: query k; 0: none), and
+   * `queries`, how many leading positions were added for them.
    */
-  async inputsEmbeds(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): Promise<{ embeds: ort.Tensor; mask: number[][] }> {
-    const tokens = await this.embed(inputIds);
-    const [batch, queries, d] = languageModelInputs.dims as [number, number, number];
+  private imagePlacement(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): { slots: number[][]; queries: number; mask: number[][] } {
+    const [batch, queries] = languageModelInputs.dims as [number, number];
     if (batch !== inputIds.length) throw new Blip2Error(`${batch} images but ${inputIds.length} prompts`);
-    const features = languageModelInputs.data as Float32Array;
-    const data = tokens.data as Float32Array;
-    const width = inputIds[0]!.length;
     const imageToken = this.config.imageTokenIndex;
-    if (imageToken !== null) {
-      inputIds.forEach((row, b) => {
-        const count = row.filter((t) => t === imageToken).length;
-        if (count === 0) warnOnce(`prompt has no <image> tokens (id ${imageToken}) although the checkpoint expects ${queries}: the image is not used (prepare prompts with Blip2Processor)`);
-        else if (count !== queries) throw new Blip2Error(`prompt ${b} has ${count} <image> tokens, expected ${queries} (num_query_tokens)`);
-        let k = 0;
-        row.forEach((t, s) => {
-          if (t === imageToken && count === queries) data.set(features.subarray((b * queries + k++) * d, (b * queries + k) * d), (b * width + s) * d);
-        });
-      });
-      return { embeds: tokens, mask: attentionMask };
+    if (imageToken === null) {
+      const slots = inputIds.map((row) => [...Array.from({ length: queries }, (_, k) => k + 1), ...row.map(() => 0)]);
+      return { slots, queries, mask: attentionMask.map((row) => [...new Array(queries).fill(1), ...row]) };
     }
-    const out = new Float32Array(batch * (queries + width) * d);
-    for (let b = 0; b < batch; b++) {
-      out.set(features.subarray(b * queries * d, (b + 1) * queries * d), b * (queries + width) * d);
-      out.set(data.subarray(b * width * d, (b + 1) * width * d), (b * (queries + width) + queries) * d);
-    }
-    const mask = attentionMask.map((row) => [...new Array(queries).fill(1), ...row]);
-    return { embeds: tensor.f32(out, [batch, queries + width, d]), mask };
+    const slots = inputIds.map((row, b) => {
+      const count = row.filter((t) => t === imageToken).length;
+      if (count === 0) warnOnce(`prompt has no <image> tokens (id ${imageToken}) although the checkpoint expects ${queries}: the image is not used (prepare prompts with Blip2Processor)`);
+      else if (count !== queries) throw new Blip2Error(`prompt ${b} has ${count} <image> tokens, expected ${queries} (num_query_tokens)`);
+      let k = 0;
+      return row.map((t) => (t === imageToken && count === queries ? ++k : 0));
+    });
+    return { slots, queries: 0, mask: attentionMask };
+  }
+
+  /** OPT's inputs for whole prompts and their images' projected queries [B, Q, D]. */
+  optPrompt(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): OptInputs {
+    const { slots, queries, mask } = this.imagePlacement(inputIds, attentionMask, languageModelInputs);
+    // Positions added for the queries take no token: id 0 is a placeholder that the query replaces.
+    const ids = inputIds.map((row) => [...new Array(queries).fill(0), ...row]);
+    return { ids, imageIndex: slots, image: languageModelInputs, mask };
+  }
+
+  /** OPT's inputs for one new token per row (a decoding step): no image. */
+  optStep(tokens: number[]): OptInputs {
+    const d = this.opt.wordEmbedProjDim;
+    return { ids: tokens.map((t) => [t]), imageIndex: tokens.map(() => [0]), image: tensor.f32(new Float32Array(0), [tokens.length, 0, d]), mask: tokens.map(() => [1]) };
+  }
+
+  /** The language model's input embeddings for a prompt (T5's encoder input), the queries placed as in `imagePlacement`. */
+  async inputsEmbeds(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor): Promise<{ embeds: ort.Tensor; mask: number[][] }> {
+    const { slots, queries, mask } = this.imagePlacement(inputIds, attentionMask, languageModelInputs);
+    const tokens = (await this.embed(inputIds)).data as Float32Array;
+    const features = languageModelInputs.data as Float32Array;
+    const [batch, q, d] = languageModelInputs.dims as [number, number, number];
+    const width = slots[0]!.length;
+    const text = width - queries;
+    const token = (b: number, s: number) => tokens.subarray((b * text + s - queries) * d, (b * text + s - queries + 1) * d);
+    const query = (b: number, k: number) => features.subarray((b * q + k - 1) * d, (b * q + k) * d);
+    const out = new Float32Array(batch * width * d);
+    slots.forEach((row, b) => row.forEach((k, s) => out.set(k > 0 ? query(b, k) : token(b, s), (b * width + s) * d)));
+    return { embeds: tensor.f32(out, [batch, width, d]), mask };
   }
 
   private get opt(): OptConfig {
@@ -134,17 +166,20 @@ export class Blip2Runtime {
   }
 
   /**
-   * OPT over new positions (`mask` is their attention mask) after those in `cache`, which receives
-   * their keys and values. Logits of all new positions, or with `lastOnly` of the last one (all
+   * OPT over new positions (see OptInputs) after those in `cache`, which receives their keys and
+   * values. Logits of all new positions, or with `lastOnly` of the last one (all
    * that generation needs). The rows of a prompt run together, as many as keep the run's new
    * keys/values within PROMPT_KEY_VALUE_BYTES (`rowsPerRun` overrides): each pass streams every
    * weight from memory, so rows together cost little more than one, while ONNX Runtime's arena
    * keeps a run's largest outputs, those keys/values.
    */
-  async optDecode(embeds: ort.Tensor, mask: number[][], cache: CacheHandle, lastOnly = false, rowsPerRun = promptRowsPerRun(this.opt, embeds.dims[1]!)): Promise<Tensors> {
+  async optDecode(inputs: OptInputs, cache: CacheHandle, lastOnly = false, rowsPerRun = promptRowsPerRun(this.opt, inputs.ids[0]!.length)): Promise<Tensors> {
     const s = await this.session("opt_decoder");
-    const chunks = { rows: rowsPerRun, feeds: ["inputs_embeds"] };
-    return s.run({ inputs_embeds: embeds, logits_positions: logitsPositions(embeds.dims[1]!, lastOnly) }, { cache, mask, chunks });
+    const { ids, imageIndex, image, mask } = inputs;
+    const dims = [ids.length, ids[0]!.length];
+    const feeds = { input_ids: tensor.i64(ids.flat(), dims), image_embeds: image, image_index: tensor.i64(imageIndex.flat(), dims), logits_positions: logitsPositions(dims[1]!, lastOnly) };
+    const chunks = { rows: rowsPerRun, feeds: ["input_ids", "image_embeds", "image_index"] };
+    return s.run(feeds, { cache, mask, chunks });
   }
 
   /** T5 encoder over inputs_embeds with the encoder's bidirectional position buckets. */
@@ -194,12 +229,16 @@ export class Blip2Runtime {
   }
 
   /**
-   * One pass of the language model over whole prompts, without generating: OPT over the
-   * embeddings; T5's encoder over them, then its decoder over `decoderInputIds` (default: the start
-   * token). The cache holds this pass only. T5's outputs include the encoder's.
+   * One pass of the language model over whole prompts and their images' projected queries, without
+   * generating: OPT over them; T5's encoder over them, then its decoder over `decoderInputIds`
+   * (default: the start token). The cache holds this pass only. T5's outputs include the encoder's.
    */
-  async forward(embeds: ort.Tensor, mask: number[][], options: { decoderInputIds?: number[][]; lastOnly?: boolean } = {}): Promise<Tensors> {
-    if (this.config.text.modelType === "opt") return this.optDecode(embeds, mask, await this.newCache(mask.length, embeds.dims[1]!), options.lastOnly);
+  async forward(inputIds: number[][], attentionMask: number[][], languageModelInputs: ort.Tensor, options: { decoderInputIds?: number[][]; lastOnly?: boolean } = {}): Promise<Tensors> {
+    if (this.config.text.modelType === "opt") {
+      const prompt = this.optPrompt(inputIds, attentionMask, languageModelInputs);
+      return this.optDecode(prompt, await this.newCache(prompt.ids.length, prompt.ids[0]!.length), options.lastOnly);
+    }
+    const { embeds, mask } = await this.inputsEmbeds(inputIds, attentionMask, languageModelInputs);
     const encoder = await this.t5Encode(embeds, mask);
     const ids = options.decoderInputIds ?? mask.map(() => [this.t5.decoderStartTokenId]);
     return { ...encoder, ...(await this.t5Decode(ids, mask, await this.t5Cache(encoder.last_hidden_state!, ids[0]!.length))) };

@@ -76,8 +76,7 @@ async function logits(rt: Blip2Runtime, inputIds: number[][], attentionMask: num
   if (decoderIds && text.modelType === "opt") throw new UsageError("dump: --decoder-input-ids applies to T5 checkpoints only");
   const bad = decoderIds?.find((i) => i >= text.vocabSize);
   if (bad !== undefined) throw new UsageError(`dump: decoder input id ${bad} is outside the vocabulary (size ${text.vocabSize})`);
-  const { embeds, mask } = await rt.inputsEmbeds(inputIds, attentionMask, features);
-  return (await rt.forward(embeds, mask, { decoderInputIds: decoderIds ? [decoderIds] : undefined })).logits!;
+  return (await rt.forward(inputIds, attentionMask, features, { decoderInputIds: decoderIds ? [decoderIds] : undefined })).logits!;
 }
 
 function parseIds(text: string | undefined): number[] | null {
