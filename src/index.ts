@@ -10,3 +10,8 @@ export { blip2CacheDir, listWeightCaches, pruneWeightCaches, removeWeightCache, 
 export { listPacked, pruneStalePacked, type PackedEntry, type PackingProgress } from "./runtime/packedModels.js";
 export { Blip2Processor, type ProcessorInputs, type ProcessorOutputs } from "./processor.js";
 export { Blip2Tokenizer } from "./tokenizer/tokenizer.js";
+export { writeDataset, type DatasetOptions, type DatasetSummary } from "./world/dataset.js";
+export { askScene, captionMatchesScene, captionScene, parseCaption, questionPrompt, QUESTION_TYPES, type ObjectDescription, type Question, type QuestionType } from "./world/language.js";
+export { renderPng, renderScene } from "./world/render.js";
+export { generateScene, sceneSeed, splitOfSeed, SPLITS, type Background, type Scene, type Split, type WorldObject } from "./world/scene.js";
+export { COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, type Colour, type Position, type Shape, type Size } from "./world/vocabulary.js";

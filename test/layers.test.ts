@@ -22,6 +22,7 @@ const LAYERS: { name: string; members: string[] }[] = [
   { name: "runtime", members: ["runtime/"] },
   { name: "generation", members: ["generation/"] },
   { name: "train", members: ["train/"] },
+  { name: "world", members: ["world/"] },
   { name: "api", members: ["api/", "index.ts"] },
   { name: "search", members: ["search/"] },
   { name: "cli", members: ["cli/"] },

@@ -13,8 +13,9 @@ import { match } from "./commands/match.js";
 import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
 import { trainCommand } from "./commands/train.js";
+import { world } from "./commands/world.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad, world];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));
