@@ -8,7 +8,7 @@ import type { QFormerConfig } from "../config.js";
 import type { Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
 import { dropout, type DropoutContext } from "./dropout.js";
-import { activation, attend, layerNormLayer, linearLayer, mergeHeads, paddingBias, Params, splitHeads } from "./layers.js";
+import { activation, attend, layerNormLayer, linearLayer, mergeHeads, paddingBias, Params, splitHeads, type KeyValue } from "./layers.js";
 
 export interface QFormerInputs {
   /** [B, Q, D] query embeddings (the expanded `query_tokens`), or null for text-only. */
@@ -25,6 +25,12 @@ export interface QFormerInputs {
   attentionBias?: Value;
   /** [B, N, encoder_hidden_size] image features to cross-attend to; null for text-only. */
   imageEmbeds: Value | null;
+  /**
+   * The cross-attention keys and values of the image features, by layer (`imageKeyValues`), in
+   * place of computing them from `imageEmbeds`: training computes them once per image and gathers
+   * them for every pass that looks at that image.
+   */
+  imageKeyValues?: Map<number, KeyValue>;
   /** How many leading positions are queries. */
   queryLength: number;
   /**
@@ -51,18 +57,19 @@ export function qformer(p: Params, cfg: QFormerConfig, inputs: QFormerInputs): Q
   const bias = inputs.attentionBias ?? (inputs.attentionMask ? paddingBias(inputs.attentionMask, MASKED) : null);
   const hiddenStates = [x];
   for (let i = 0; i < cfg.numHiddenLayers; i++) {
-    const hasCrossAttention = inputs.imageEmbeds !== null && i % cfg.crossAttentionFrequency === 0;
-    x = layer(p.at("encoder.layer").at(i), cfg, x, bias, hasCrossAttention ? inputs.imageEmbeds : null, inputs.queryLength, inputs.textEmbeds !== null, drop);
+    const hasCrossAttention = (inputs.imageEmbeds !== null || inputs.imageKeyValues !== undefined) && i % cfg.crossAttentionFrequency === 0;
+    const image = hasCrossAttention ? (inputs.imageKeyValues?.get(i) ?? inputs.imageEmbeds) : null;
+    x = layer(p.at("encoder.layer").at(i), cfg, x, bias, image, inputs.queryLength, inputs.textEmbeds !== null, drop);
     hiddenStates.push(x);
   }
   return { lastHiddenState: x, hiddenStates };
 }
 
-function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, imageEmbeds: Value | null, queryLength: number, hasText: boolean, drop?: DropoutContext): Value {
+function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, image: Value | KeyValue | null, queryLength: number, hasText: boolean, drop?: DropoutContext): Value {
   const attended = attentionBlock(p.at("attention"), cfg, x, x, cfg.hiddenSize, bias, drop);
   if (queryLength === 0) return feedForward(p, "", cfg, attended, drop);
   let queries = queryLength > 0 && hasText ? op.slice(attended, [0], [queryLength], [1]) : attended;
-  if (imageEmbeds) queries = attentionBlock(p.at("crossattention"), cfg, queries, imageEmbeds, cfg.encoderHiddenSize, null, drop);
+  if (image) queries = attentionBlock(p.at("crossattention"), cfg, queries, image, cfg.encoderHiddenSize, null, drop);
   const queryOut = feedForward(p, "_query", cfg, queries, drop);
   if (!hasText) return queryOut;
   const text = op.slice(attended, [queryLength], [2 ** 62], [1]);
@@ -70,17 +77,35 @@ function layer(p: Params, cfg: QFormerConfig, x: Value, bias: Value | null, imag
 }
 
 /** BERT attention: multi-head attention, output dense, then LayerNorm(dense + input). */
-function attentionBlock(p: Params, cfg: QFormerConfig, x: Value, context: Value, contextSize: number, bias: Value | null, drop?: DropoutContext): Value {
+function attentionBlock(p: Params, cfg: QFormerConfig, x: Value, context: Value | KeyValue, contextSize: number, bias: Value | null, drop?: DropoutContext): Value {
   const d = cfg.hiddenSize;
   const heads = cfg.numAttentionHeads;
   const a = p.at("attention");
   const q = splitHeads(linearLayer(a.at("query"), x, d, d), heads);
-  const k = splitHeads(linearLayer(a.at("key"), context, contextSize, d), heads);
-  const v = splitHeads(linearLayer(a.at("value"), context, contextSize, d), heads);
+  const { key: k, value: v } = "key" in context ? context : keyValues(a, cfg, context, contextSize);
   const dropProbs = drop && ((probs: Value) => dropout(probs, cfg.attentionProbsDropoutProb, drop));
   const weighted = mergeHeads(attend(q, k, v, (d / heads) ** -0.5, bias, dropProbs));
   const out = dropout(linearLayer(p.at("output.dense"), weighted, d, d), cfg.hiddenDropoutProb, drop);
   return layerNormLayer(p.at("output.LayerNorm"), op.add(out, x), d, cfg.layerNormEps);
+}
+
+/** An attention's keys and values of `context`, heads split: [B, H, N, Dh] each. */
+function keyValues(a: Params, cfg: QFormerConfig, context: Value, contextSize: number): KeyValue {
+  const d = cfg.hiddenSize;
+  const heads = cfg.numAttentionHeads;
+  return {
+    key: splitHeads(linearLayer(a.at("key"), context, contextSize, d), heads),
+    value: splitHeads(linearLayer(a.at("value"), context, contextSize, d), heads),
+  };
+}
+
+/** The cross-attention keys and values of image features for every layer that has cross-attention. */
+export function imageKeyValues(p: Params, cfg: QFormerConfig, imageEmbeds: Value): Map<number, KeyValue> {
+  const out = new Map<number, KeyValue>();
+  for (let i = 0; i < cfg.numHiddenLayers; i += cfg.crossAttentionFrequency) {
+    out.set(i, keyValues(p.at("encoder.layer").at(i).at("crossattention.attention"), cfg, imageEmbeds, cfg.encoderHiddenSize));
+  }
+  return out;
 }
 
 /** Feed-forward: `intermediate{suffix}` (dense + act), `output{suffix}` (dense, LayerNorm with residual). */

@@ -23,7 +23,7 @@ import * as op from "../ir/ops.js";
 import { gradients } from "../autodiff/backward.js";
 import { DropoutContext } from "../models/dropout.js";
 import { activation, expandToBatch, layerNormLayer, linearLayer, Params } from "../models/layers.js";
-import { MASKED, qformer, qformerTextEmbeddings } from "../models/qformer.js";
+import { imageKeyValues, MASKED, qformer, qformerTextEmbeddings } from "../models/qformer.js";
 import { normalize } from "../models/retrieval.js";
 import { itcLoss, itgLoss, itmLoss } from "./losses.js";
 
@@ -117,13 +117,17 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const imageEmbeds = imageEmbeddings(root, cfg, x.features);
   const queryTokens = root.get("query_tokens", [1, q, d]);
 
+  // Each image's cross-attention keys and values, once: the ITM pass gathers them.
+  const imageKv = imageKeyValues(root.at("qformer"), cfg.qformer, imageEmbeds);
+
   // Queries and the [DEC] text in one pass: the query rows are ITC's, the text rows ITG's.
   const joint = qformer(root.at("qformer"), cfg.qformer, {
     queryEmbeds: expandToBatch(queryTokens, imageEmbeds),
     textEmbeds: qformerTextEmbeddings(root.at("embeddings"), cfg.qformer, decoderIds),
     attentionMask: null,
     attentionBias: itgBias,
-    imageEmbeds,
+    imageEmbeds: null,
+    imageKeyValues: imageKv,
     queryLength: q,
     dropout,
   }).lastHiddenState;
@@ -147,15 +151,16 @@ export function stage1Graph(ckpt: Checkpoint, s: Stage1Shape, options: Stage1Gra
   const same = g.constant(BigInt64Array.from({ length: s.batch }, (_, i) => BigInt(i)), "int64", [s.batch]);
   const imageRows = op.concat([same, imageForText, same], 0);
   const textRows = op.concat([same, same, textForImage], 0);
-  const itmImages = op.gather(imageEmbeds, imageRows);
+  const itmKv = new Map([...imageKv].map(([layer, kv]) => [layer, { key: op.gather(kv.key, imageRows), value: op.gather(kv.value, imageRows) }]));
   const itmIds = op.gather(x.inputIds, textRows);
   const itmMask = op.gather(x.attentionMask, textRows);
   const queryMask = g.constant(new BigInt64Array(3 * s.batch * q).fill(1n), "int64", [3 * s.batch, q]);
   const itmOut = qformer(root.at("qformer"), cfg.qformer, {
-    queryEmbeds: expandToBatch(queryTokens, itmImages),
+    queryEmbeds: expandToBatch(queryTokens, itmIds),
     textEmbeds: qformerTextEmbeddings(root.at("embeddings"), cfg.qformer, itmIds),
     attentionMask: op.concat([queryMask, itmMask], 1),
-    imageEmbeds: itmImages,
+    imageEmbeds: null,
+    imageKeyValues: itmKv,
     queryLength: q,
     dropout,
   }).lastHiddenState;
