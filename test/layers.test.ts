@@ -25,6 +25,7 @@ const LAYERS: { name: string; members: string[] }[] = [
   { name: "world", members: ["world/"] },
   { name: "api", members: ["api/", "index.ts"] },
   { name: "search", members: ["search/"] },
+  { name: "serve", members: ["serve/"] },
   { name: "cli", members: ["cli/"] },
 ];
 

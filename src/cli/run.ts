@@ -12,10 +12,11 @@ import { index } from "./commands/index.js";
 import { match } from "./commands/match.js";
 import { quantize } from "./commands/quantize.js";
 import { search } from "./commands/search.js";
+import { serve } from "./commands/serve.js";
 import { trainCommand } from "./commands/train.js";
 import { world } from "./commands/world.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad, world];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad, world, serve];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

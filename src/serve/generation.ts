@@ -1,0 +1,158 @@
+/**
+ * Generations as the server runs them: a batch of (image, prompt) rows decoded together with the
+ * same options, each row's text streamed as it grows and cut at its stop strings. A row's result
+ * is what `Blip2.captionAll` gives for it (same ids, same words), so the server answers as the CLI.
+ */
+import type { Blip2 } from "../api/tasks.js";
+import type { GenerationOptions } from "../generation/options.js";
+import type { RawImage } from "../image/decode.js";
+import type { BatchRunner } from "./scheduler.js";
+
+export interface GenItem {
+  image: RawImage;
+  /** The text the generation continues ("" for a zero-shot caption). */
+  prompt: string;
+  options: GenerationOptions;
+  /** Each new piece of the answer's text, as it is generated. */
+  onText?: (delta: string) => void;
+  /** The answer ends before the first of these it contains. */
+  stop?: string[];
+}
+
+export interface GenResult {
+  /** The generated words, trimmed (the CLI's caption / answer). */
+  text: string;
+  /** The generated sequence as `generate` returns it (prompt ids first, for OPT). */
+  ids: number[];
+  finishReason: "stop" | "length";
+  promptTokens: number;
+  completionTokens: number;
+  /** Rows decoded together, this one included. */
+  batchSize: number;
+  runMs: number;
+}
+
+/**
+ * The key under which generations may share a batch, or null when one must run alone: sampling
+ * (a seeded sample must not depend on its neighbours), and, where the repetition rules look at the
+ * whole sequence, prompts of another length (the left padding would be part of what they see).
+ */
+export function batchKey(blip2: Blip2, options: GenerationOptions, promptTokens: number): string | null {
+  const g = blip2.model.generationConfig(options);
+  if (g.doSample || g.numReturnSequences !== 1) return null;
+  const lengthMatters = g.repetitionPenalty !== 1 || g.noRepeatNgramSize > 0;
+  return JSON.stringify({ ...g, seed: 0, promptTokens: lengthMatters ? promptTokens : undefined });
+}
+
+/** One row's new tokens and text, as they come, streamed to `item.onText` without the bits that may still change. */
+export class TextStream {
+  readonly fresh: number[] = [];
+  /** Text already sent through onText. */
+  private sent = "";
+  done: "stop" | "length" | null = null;
+  text = "";
+
+  constructor(
+    private readonly blip2: Blip2,
+    private readonly item: Pick<GenItem, "onText" | "stop">,
+  ) {}
+
+  push(token: number, finished: boolean): void {
+    if (this.done) return;
+    this.fresh.push(token);
+    if (finished) this.done = "stop";
+    const decoded = this.blip2.processor.decode(this.fresh, { skipSpecialTokens: true }).trimStart();
+    const cut = firstStop(decoded, this.item.stop);
+    if (cut >= 0) this.done = "stop";
+    this.text = cut >= 0 ? decoded.slice(0, cut) : decoded;
+    this.emit(this.done ? this.text.trimEnd() : this.settled(this.text));
+  }
+
+  /**
+   * The part of `text` that cannot change with the next token: without trailing whitespace (the
+   * final text is trimmed), an incomplete UTF-8 character, or the start of a stop string.
+   */
+  private settled(text: string): string {
+    let end = text.replace(/[\s\uFFFD]+$/u, "").length;
+    for (const s of this.item.stop ?? []) {
+      for (let n = Math.min(s.length - 1, end); n > 0; n--) {
+        if (text.slice(end - n, end) === s.slice(0, n)) {
+          end -= n;
+          break;
+        }
+      }
+    }
+    return text.slice(0, end);
+  }
+
+  emit(upTo: string): void {
+    if (!this.item.onText || upTo.length <= this.sent.length || !upTo.startsWith(this.sent)) return;
+    this.item.onText(upTo.slice(this.sent.length));
+    this.sent = upTo;
+  }
+}
+
+function firstStop(text: string, stop: string[] | undefined): number {
+  let at = -1;
+  for (const s of stop ?? []) {
+    const i = s ? text.indexOf(s) : -1;
+    if (i >= 0 && (at < 0 || i < at)) at = i;
+  }
+  return at;
+}
+
+/** Runs batches of generations on `blip2` (see GenItem). */
+export function generationRunner(blip2: Blip2): BatchRunner<GenItem, GenResult> {
+  return async (items, signal) => {
+    const started = performance.now();
+    const inputs = await blip2.processor.process({ images: items.map((i) => i.image), text: items.map((i) => i.prompt), paddingSide: "left" });
+    const rows = items.map((item) => new TextStream(blip2, item));
+    // Rows cut by a stop string need no more tokens: when all are, the generation stops.
+    const cut = new AbortController();
+    const options = { ...items[0]!.options, numReturnSequences: 1 };
+    const g = blip2.model.generationConfig(options);
+    let sequences: number[][] | null = null;
+    try {
+      sequences = await blip2.model.generate({
+        ...options,
+        pixelValues: inputs.pixelValues,
+        inputIds: inputs.inputIds,
+        attentionMask: inputs.attentionMask,
+        signal: AbortSignal.any([signal, cut.signal]),
+        onToken: g.numBeams > 1 ? undefined : (tokens, finished) => {
+          tokens.forEach((t, i) => rows[i]!.push(t, finished[i]!));
+          if (rows.every((r) => r.done)) cut.abort();
+        },
+      });
+    } catch (err) {
+      if (!cut.signal.aborted || signal.aborted) throw err;
+    }
+    const runMs = performance.now() - started;
+    return rows.map((row, i) => {
+      const promptIds = inputs.inputIds[i]!;
+      const promptTokens = inputs.attentionMask[i]!.reduce((a, b) => a + b, 0);
+      const common = { promptTokens, batchSize: items.length, runMs };
+      const full = sequences?.[i];
+      if (!full) {
+        // Every row was cut by a stop string before the generation ended: the tokens up to the cut.
+        const ids = blip2.model.config.text.modelType === "opt" ? [...promptIds, ...row.fresh] : [g.decoderStartTokenId, ...row.fresh];
+        const text = row.text.trimEnd();
+        row.emit(text);
+        return { ...common, text, ids, finishReason: "stop", completionTokens: row.fresh.length };
+      }
+      const { caption } = blip2.result(full, promptIds);
+      const stopped = firstStop(caption, items[i]!.stop);
+      const text = stopped >= 0 ? caption.slice(0, stopped).trimEnd() : caption;
+      const [completionTokens, ended] = countNew(full, promptIds.length, g.eosTokenIds, blip2.model.config.text.modelType === "opt");
+      row.emit(text);
+      return { ...common, text, ids: full, finishReason: stopped >= 0 || ended ? "stop" : "length", completionTokens };
+    });
+  };
+}
+
+/** New tokens of a generated sequence up to and including its end token (the pads after it are not), and whether it has one. */
+function countNew(ids: number[], promptLength: number, eos: number[], opt: boolean): [number, boolean] {
+  const fresh = opt ? ids.slice(promptLength) : ids.slice(1);
+  const end = fresh.findIndex((t) => eos.includes(t));
+  return end >= 0 ? [end + 1, true] : [fresh.length, false];
+}
