@@ -2,7 +2,11 @@
  * The CLI as a demanding user probes it (issue 28): long prompts and command lines, chats on small
  * checkpoints, bad options, closed pipes. Each case failed before its fix.
  */
+import Database from "better-sqlite3";
 import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { cli, cliWithInput, fixture } from "./helpers.js";
@@ -121,5 +125,121 @@ describe("a retrieval checkpoint given to a generating command", () => {
     oneLine(r.stderr);
     expect(r.stderr).toMatch(/is an image-text retrieval checkpoint, which cannot generate text: use it with 'blip2 match', 'blip2 index' and 'blip2 search'/);
     expect(r.stderr).not.toMatch(/load it with/);
+  });
+});
+
+describe("blip2 index and search write only into blip2 indexes", () => {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-reliability-"));
+  const photos = path.join(work, "photos");
+  fs.mkdirSync(photos);
+  fs.copyFileSync(fixture("image0.png"), path.join(photos, "a.png"));
+  const model = fixture("tiny-blip2-itm");
+  const sha = (file: string) => createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+  const siblings = (file: string) => fs.readdirSync(path.dirname(file)).filter((f) => f.startsWith(path.basename(file))).sort();
+
+  /** Another program's database: its own `meta` (key, value) table and a `users` table. */
+  function otherDatabase(name: string, tables: string): string {
+    const file = path.join(work, name);
+    const db = new Database(file);
+    db.exec(tables);
+    db.close();
+    return file;
+  }
+
+  it.each([
+    ["a users table", "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users (name) VALUES ('ada');", /tables blip2 does not make: users/],
+    ["its own meta table", "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); INSERT INTO meta VALUES ('schema', '7');", /no images table/],
+    ["blip2's tables, but not its rows", "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime_ms REAL, sha256 TEXT, embedding BLOB);", /records no model/],
+  ])("another program's database (%s) is refused by index and search, left byte for byte as it was", async (name, tables, why) => {
+    const file = otherDatabase(`${name.replace(/\W+/g, "-")}.sqlite`, tables);
+    const before = sha(file);
+    for (const r of [await cli("index", "-m", model, photos, "--db", file), await cli("search", "--db", file, "x"), await cli("search", "-m", model, "--db", file, "x")]) {
+      expect(r.code).toBe(1);
+      oneLine(r.stderr);
+      expect(r.stderr).toMatch(new RegExp(`${path.basename(file)}: not a blip2 index \\(.*\\); refusing to write into it`));
+      expect(r.stderr).toMatch(why as RegExp);
+    }
+    expect(sha(file)).toBe(before);
+    expect(siblings(file)).toEqual([path.basename(file)]);
+  });
+
+  it("an empty file and a file that is not SQLite are refused, and stay as they were", async () => {
+    const empty = path.join(work, "empty.sqlite");
+    fs.writeFileSync(empty, "");
+    const text = path.join(work, "notes.sqlite");
+    fs.writeFileSync(text, "my notes, not a database\n");
+    for (const [file, what] of [[empty, "an empty file"], [text, "not an SQLite database"]] as const) {
+      for (const r of [await cli("index", "-m", model, photos, "--db", file), await cli("search", "--db", file, "x")]) {
+        expect(r.code).toBe(1);
+        expect(r.stderr).toContain(`not a blip2 index (${what})`);
+      }
+    }
+    expect(fs.readFileSync(empty, "utf8")).toBe("");
+    expect(fs.readFileSync(text, "utf8")).toBe("my notes, not a database\n");
+  });
+
+  it("search opens an index read-only: the database is not changed by it", async () => {
+    const db = path.join(work, "index.sqlite");
+    const built = await cli("index", "-m", model, photos, "--db", db, "--json");
+    expect(built.code, built.stderr).toBe(0);
+    const before = sha(db);
+    const r = await cli("search", "--db", db, "a circle", "--json");
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).path).toBe(path.join(photos, "a.png"));
+    expect(sha(db)).toBe(before);
+    // Beside it, the embeddings' matrix (blip2's own file) and what SQLite keeps for a read-only
+    // reader of a database in WAL mode: an empty log.
+    expect(siblings(db).filter((f) => !f.endsWith("-shm"))).toEqual(["index.sqlite", "index.sqlite-wal", "index.sqlite.itc"]);
+    expect(fs.statSync(`${db}-wal`).size).toBe(0);
+  });
+
+  it("a file in the way of the embeddings' matrix is not overwritten", async () => {
+    const db = path.join(work, "matrix.sqlite");
+    expect((await cli("index", "-m", model, photos, "--db", db)).code).toBe(0);
+    fs.writeFileSync(`${db}.itc`, "someone's file");
+    const r = await cli("search", "--db", db, "x");
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/matrix.sqlite.itc: a file blip2 did not write/);
+    expect(fs.readFileSync(`${db}.itc`, "utf8")).toBe("someone's file");
+  });
+});
+
+describe("blip2 index over awkward folders", () => {
+  const model = fixture("tiny-blip2-itm");
+
+  it("a symbolic link loop and a dangling link are skipped, counted and named; the rest is indexed", async () => {
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-links-"));
+    const photos = path.join(work, "photos");
+    fs.mkdirSync(photos);
+    fs.copyFileSync(fixture("image0.png"), path.join(photos, "a.png"));
+    fs.symlinkSync("loop2.png", path.join(photos, "loop1.png"));
+    fs.symlinkSync("loop1.png", path.join(photos, "loop2.png"));
+    fs.symlinkSync("gone.png", path.join(photos, "dangling.png"));
+    const r = await cli("index", "-m", model, photos, "--db", path.join(work, "i.sqlite"));
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toContain(`unreadable: ${path.join(photos, "dangling.png")}: a symbolic link to nothing`);
+    expect(r.stderr).toContain(`unreadable: ${path.join(photos, "loop1.png")}: a symbolic link in a loop`);
+    expect(r.stderr).toContain(`unreadable: ${path.join(photos, "loop2.png")}: a symbolic link in a loop`);
+    expect(r.stdout).toMatch(/^1 images indexed .*: 1 new, .* 3 unreadable\n$/);
+  });
+
+  it("the counts do not depend on the batch size: copies within one batch reuse the first's embedding", async () => {
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-copies-"));
+    const photos = path.join(work, "photos");
+    fs.mkdirSync(photos);
+    for (const name of ["a.png", "b.png", "c.png"]) fs.copyFileSync(fixture("image0.png"), path.join(photos, name));
+    fs.copyFileSync(fixture("image1.png"), path.join(photos, "d.png"));
+    const reports = [];
+    for (const batch of ["1", "8"]) {
+      const r = await cli("index", "-m", model, photos, "--db", path.join(work, `batch${batch}.sqlite`), "--batch-size", batch, "--json");
+      expect(r.code, r.stderr).toBe(0);
+      reports.push(JSON.parse(r.stdout));
+    }
+    for (const report of reports) {
+      expect(report.added.map((p: string) => path.basename(p))).toEqual(["a.png", "d.png"]);
+      expect(report.reused.map((p: string) => path.basename(p))).toEqual(["b.png", "c.png"]);
+    }
+    const embeddings = (file: string) => new Database(file, { readonly: true }).prepare("SELECT path, embedding FROM images ORDER BY path").all();
+    expect(embeddings(path.join(work, "batch8.sqlite"))).toEqual(embeddings(path.join(work, "batch1.sqlite")));
   });
 });

@@ -41,6 +41,23 @@ export function readMatrixHeader(file: string): MatrixHeader | null {
   }
 }
 
+/** Whether `file` is missing or one of these matrices (maybe stale, maybe cut short): one that may be written over. */
+export function isMatrixOrMissing(file: string): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, "r");
+  } catch {
+    return !fs.existsSync(file);
+  }
+  try {
+    const b = Buffer.alloc(MAGIC.length);
+    const n = fs.readSync(fd, b, 0, MAGIC.length, 0);
+    return n === 0 || b.toString("latin1", 0, n) === MAGIC.slice(0, n);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** Writes the matrix from rows given in order (streamed: never all in memory), atomically. */
 export function writeMatrix(file: string, header: MatrixHeader, rows: Iterable<Float32Array>): void {
   const tmp = partialFile(file);

@@ -7,7 +7,7 @@ import Database from "better-sqlite3";
 import fs from "node:fs";
 import path from "node:path";
 import { Blip2Error, describeError } from "../errors.js";
-import { ItcScorer, readMatrixHeader, topK, writeMatrix } from "./itcMatrix.js";
+import { isMatrixOrMissing, ItcScorer, readMatrixHeader, topK, writeMatrix } from "./itcMatrix.js";
 import type { FileStamp, Hit, ImageRecord, ImageStore, IndexedModel } from "./store.js";
 
 const SCHEMA = `
@@ -34,30 +34,38 @@ export class SqliteStore implements ImageStore {
     readonly model: IndexedModel,
   ) {}
 
+  /**
+   * Opens the index in `file`: read-only unless `create`, which also makes a new one where no file
+   * is. A file that is not a blip2 index (another program's database, an empty file, not SQLite at
+   * all) is refused before anything is written to it.
+   */
   static open(file: string, model: IndexedModel | null, create: boolean): SqliteStore {
     const exists = fs.existsSync(file);
     if (!exists && !create) throw new Blip2Error(`${file}: no such index (build one with 'blip2 index')`);
+    if (exists) checkIsIndex(file);
+    if (!exists && !model) throw new Blip2Error(`internal: a new index needs its model`);
     let db: Database.Database;
     try {
-      db = new Database(file);
-      db.pragma("journal_mode = WAL");
-      db.exec(SCHEMA);
+      db = new Database(file, { readonly: !create });
+      if (!exists) {
+        db.pragma("journal_mode = WAL");
+        // One transaction: a run killed here leaves no index without its model.
+        db.transaction(() => {
+          db.exec(SCHEMA);
+          db.pragma(`application_id = ${APPLICATION_ID}`);
+          const put = db.prepare("INSERT INTO meta (key, value) VALUES (?, ?)");
+          for (const [k, v] of Object.entries({ ...model, generation: 0 })) put.run(k, String(v));
+        })();
+      }
     } catch (err) {
       throw new Blip2Error(`${file}: cannot open the index database (${describeError(err)})`);
     }
-    const stored = readModel(db);
-    if (stored && model && stored.fingerprint !== model.fingerprint) {
+    const stored = readModel(db)!;
+    if (model && stored.fingerprint !== model.fingerprint) {
       db.close();
       throw new Blip2Error(`${file}: this index was built with model ${stored.id}; refusing to use it with ${model.id} (a different model): use another --db`);
     }
-    if (!stored) {
-      if (!model) throw new Blip2Error(`${file}: the index records no model`);
-      const put = db.prepare("INSERT INTO meta (key, value) VALUES (?, ?)");
-      db.transaction(() => {
-        for (const [k, v] of Object.entries({ ...model, generation: 0 })) put.run(k, String(v));
-      })();
-    }
-    return new SqliteStore(db, path.resolve(file), stored ?? model!);
+    return new SqliteStore(db, path.resolve(file), stored);
   }
 
   files(): Map<string, FileStamp> {
@@ -131,6 +139,7 @@ export class SqliteStore implements ImageStore {
     const header = { generation, rows: paths.length, queries: this.model.numQueries, dim: this.model.dim };
     const onDisk = readMatrixHeader(matrixFile);
     if (!onDisk || onDisk.generation !== generation || onDisk.rows !== header.rows) {
+      if (!isMatrixOrMissing(matrixFile)) throw new Blip2Error(`${matrixFile}: a file blip2 did not write is where the index keeps its embeddings' matrix; move it away`);
       const rows = this.db.prepare("SELECT embedding FROM images ORDER BY id").pluck().iterate() as IterableIterator<Buffer>;
       writeMatrix(matrixFile, header, (function* () {
         for (const b of rows) yield toFloats(b);
@@ -138,6 +147,48 @@ export class SqliteStore implements ImageStore {
     }
     this.scorer = { generation, scorer: await ItcScorer.open(matrixFile, header), paths };
     return this.scorer;
+  }
+}
+
+/** SQLite's header field for the program a database belongs to: "Bli2". */
+const APPLICATION_ID = 0x426c6932;
+
+/** The tables and columns of an index (those made before application_id was set are known by them). */
+const INDEX_TABLES: Record<string, string[]> = { meta: ["key", "value"], images: ["id", "path", "size", "mtime_ms", "sha256", "embedding"] };
+
+/** Refuses, without writing anything, an existing file that is not a blip2 index. */
+function checkIsIndex(file: string): void {
+  const head = Buffer.alloc(16);
+  const fd = fs.openSync(file, "r");
+  let read: number;
+  try {
+    read = fs.readSync(fd, head, 0, 16, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const notIndex = (what: string) => new Blip2Error(`${file}: not a blip2 index (${what}); refusing to write into it: give another --db`);
+  if (read === 0) throw notIndex("an empty file");
+  if (head.toString("latin1") !== "SQLite format 3\0") throw notIndex("not an SQLite database");
+  let db: Database.Database;
+  try {
+    db = new Database(file, { readonly: true, fileMustExist: true });
+  } catch (err) {
+    throw new Blip2Error(`${file}: cannot open the index database (${describeError(err)})`);
+  }
+  try {
+    const id = db.pragma("application_id", { simple: true }) as number;
+    if (id !== APPLICATION_ID && id !== 0) throw notIndex(`a database of another program, application_id ${id}`);
+    const tables = (db.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").pluck().all() as string[]).sort();
+    const others = tables.filter((t) => !(t in INDEX_TABLES));
+    if (others.length) throw notIndex(`it has tables blip2 does not make: ${others.slice(0, 5).join(", ")}`);
+    for (const [table, columns] of Object.entries(INDEX_TABLES)) {
+      if (!tables.includes(table)) throw notIndex(`no ${table} table`);
+      const has = (db.prepare(`SELECT name FROM pragma_table_info('${table}')`).pluck().all() as string[]).sort();
+      if (has.join() !== [...columns].sort().join()) throw notIndex(`its ${table} table has columns ${has.join(", ")}`);
+    }
+    if (!readModel(db)) throw notIndex("its meta table records no model");
+  } finally {
+    db.close();
   }
 }
 

@@ -46,7 +46,10 @@ export interface ImageStore {
   close(): Promise<void>;
 }
 
-/** Opens (or, with `create`, creates) the store at `location`; refuses a store of another model. */
+/**
+ * Opens the store at `location`: read-only, unless `create`, which also makes a new one where there
+ * is none. Refuses a store of another model, and a location that holds something else.
+ */
 export async function openStore(location: string, model: IndexedModel | null, create: boolean): Promise<ImageStore> {
   if (/^postgres(ql)?:\/\//.test(location)) throw new Blip2Error(`${location}: PostgreSQL stores are not available in this build; use a file path (SQLite)`);
   const { SqliteStore } = await import("./sqliteStore.js");

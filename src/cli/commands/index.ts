@@ -57,13 +57,17 @@ export const index: Command = {
   },
 };
 
-/** --model, else the model an existing index was built with, else the default retrieval model. */
+/**
+ * --model, else the model an existing index was built with, else the default retrieval model. An
+ * existing file is opened (read-only) even with --model: one that is not a blip2 index is refused
+ * before the model loads, and before anything is written.
+ */
 export async function modelFor(args: ParsedArgs, db: string): Promise<string> {
   const given = stringOption(args, "model");
-  if (given || !fs.existsSync(db)) return given ?? DEFAULT_RETRIEVAL_MODEL;
+  if (!fs.existsSync(db)) return given ?? DEFAULT_RETRIEVAL_MODEL;
   const store = await openStore(db, null, false);
   try {
-    return store.model.id;
+    return given ?? store.model.id;
   } finally {
     await store.close();
   }
