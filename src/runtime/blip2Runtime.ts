@@ -81,7 +81,7 @@ export class Blip2Runtime {
     return runImages(await this.session("image"), pixelValues, batch, this.config.vision.imageSize);
   }
 
-  /** Token ids -> the language model's input embeddings. */
+  /** Token ids -> T5's input embeddings (OPT's decoder graph embeds its own tokens). */
   async embed(ids: number[][]): Promise<ort.Tensor> {
     const s = await this.session("embed");
     const width = ids[0]?.length ?? 0;
