@@ -171,7 +171,16 @@ class WorkerHost implements Host {
  * creates a session synchronously, prepacking its integer weights on one thread, so sessions in
  * separate workers are created side by side (the vision encoder's beside the language model's).
  */
-export type SessionOptions = Pick<RuntimeOptions, "arena"> & { thread?: "image" };
+export type SessionOptions = Pick<RuntimeOptions, "arena"> & {
+  thread?: "image";
+  /**
+   * Let ONNX Runtime fold what is computed from weights alone into new weights at load (default
+   * true). Training graphs turn it off: their backward dequantizes each 8- or 4-bit weight for one
+   * product, and folded, the 4-bit codes unpacked from their bytes would be kept beside the packed
+   * ones for every layer (DequantizeLinear itself is never folded).
+   */
+  foldConstants?: boolean;
+};
 
 let localHost: LocalHost | null = null;
 const workerHosts = new Map<string, WorkerHost>();
@@ -210,6 +219,15 @@ export const prepacks = (graph: Graph): boolean => graph.nodes.some((n) => INTEG
  */
 const DISABLED_OPTIMIZERS = "BiasGeluFusion";
 
+/**
+ * The optimizers a session leaves out, as ONNX Runtime takes them (separated by semicolons).
+ * Without constant folding, ReshapeFusion goes too: it then meets Reshapes whose target shape is
+ * computed (byRows) feeding Reshapes to a constant shape, and ONNX Runtime 1.30 fails to create the
+ * session when it joins them ("a name which does not exist ... _new_reshape").
+ */
+export const disabledOptimizers = (options: SessionOptions): string =>
+  options.foldConstants === false ? `${DISABLED_OPTIMIZERS};ConstantFolding;ReshapeFusion` : DISABLED_OPTIMIZERS;
+
 /** A graph compiled into a session; run with named feeds, returns named outputs. */
 export class CompiledGraph {
   private constructor(
@@ -240,7 +258,7 @@ export class CompiledGraph {
           model_external_initializers_file_folder_path: folder,
           disable_prepacking: prepacks(graph) ? "0" : "1",
         },
-        optimization: { disable_specified_optimizers: DISABLED_OPTIMIZERS },
+        optimization: { disable_specified_optimizers: disabledOptimizers(options) },
       },
     };
     const host = hostFor(options, device);
