@@ -61,6 +61,12 @@ export function bitwiseXor(a: Value, b: Value): Value {
   return binary("BitwiseXor", a, b);
 }
 
+/** Bitwise and of two integer tensors (opset 18). */
+export function bitwiseAnd(a: Value, b: Value): Value {
+  if (isFloat(a.dtype) || a.dtype === "bool") fail("BitwiseAnd", `expects integer tensors, got ${a.dtype}`);
+  return binary("BitwiseAnd", a, b);
+}
+
 /** Logical right shift of unsigned integers (ONNX Runtime runs BitShift on uint8, uint32 and uint64 only). */
 export function shiftRight(x: Value, bits: Value): Value {
   if (x.dtype !== "uint8" && x.dtype !== "uint32") fail("BitShift", `expects an unsigned integer tensor, got ${x.dtype}`);
@@ -349,6 +355,22 @@ export function dequantizeColumns(codes: Value, scales: Value): Value {
   if (codes.rank !== 2 || codes.dtype !== "int8") fail(op, `expects an int8 matrix, got ${codes.name} ${fmt(codes.shape)} ${codes.dtype}`);
   if (scales.rank !== 1 || scales.dim(0) !== codes.dim(1)) fail(op, `scales ${scales.name} ${fmt(scales.shape)} are not one per column of ${codes.name} ${fmt(codes.shape)}`);
   return node(op, [codes, scales], { axis: attr.int(1) }, "float32", codes.shape);
+}
+
+/**
+ * ONNX's DequantizeLinear in blocks along the rows of a uint8 matrix `codes` [N, K] (opset 21's
+ * blocked quantization, axis 1): (code - zero point) x scale, with one scale and zero point per
+ * block of `blockSize` values, `scales` and `zeroPoints` [N, K / blockSize].
+ */
+export function dequantizeBlocks(codes: Value, scales: Value, zeroPoints: Value, blockSize: number): Value {
+  const op = "DequantizeLinear";
+  const [n, k] = codes.shape;
+  if (codes.rank !== 2 || codes.dtype !== "uint8" || typeof k !== "number" || k % blockSize !== 0) fail(op, `expects a uint8 matrix of rows in blocks of ${blockSize}, got ${codes.name} ${fmt(codes.shape)} ${codes.dtype}`);
+  for (const v of [scales, zeroPoints]) {
+    if (v.rank !== 2 || v.dim(0) !== n || v.dim(1) !== k / blockSize) fail(op, `${v.name} ${fmt(v.shape)} is not one value per block of ${codes.name} ${fmt(codes.shape)} ([${n}, ${k / blockSize}])`);
+  }
+  if (zeroPoints.dtype !== "uint8") fail(op, `zero points ${zeroPoints.name} must be uint8, got ${zeroPoints.dtype}`);
+  return node(op, [codes, scales, zeroPoints], { axis: attr.int(1), block_size: attr.int(blockSize) }, "float32", codes.shape);
 }
 
 /**

@@ -6,6 +6,7 @@ import { Blip2Error } from "../errors.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import type { Dim, Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
+import { defineVjp } from "../autodiff/backward.js";
 
 /** Checkpoint tensors under a name prefix, turned into graph values with their expected shapes. */
 export class Params {
@@ -40,16 +41,20 @@ export function linearLayer(p: Params, x: Value, inFeatures: number, outFeatures
 /**
  * `x @ W^T + bias` with the weight `weightName` [out, in] in its part's precision: float32 (fp16
  * copies are widened at load), 8-bit channels run in integer arithmetic, or 4-bit blocks run by
- * MatMulNBits.
+ * MatMulNBits. In a training graph the quantized layers pass gradients to `x` through the same
+ * quantized weight (see linearInt8, linearNBits); their weights cannot be trained.
  */
 export function linearWith(p: Params, weightName: string, x: Value, inFeatures: number, outFeatures: number, bias: Value | null): Value {
   const full = p.name(weightName);
   const dtype = p.checkpoint.dtypeOf(full);
+  if ((dtype === "q8" || dtype === "q4") && p.graph.trainable?.(full)) {
+    throw new Blip2Error(`${full} is trained but its weights are ${dtype}: load the part it belongs to in fp32 to train it`);
+  }
   const stored = (suffix: string) => p.graph.weight(p.checkpoint.tensor(`${full}.${dtype}.${suffix}`), null);
   if (dtype === "q8") return linearInt8(x, stored("weight"), stored("scales"), bias);
   if (dtype === "q4") {
     const blockSize = (p.checkpoint.tensor(`${full}.q4.weight`).shape[2]! * 8) / 4;
-    return op.matMulNBits(x, stored("weight"), stored("scales"), stored("zero_points"), bias, { k: inFeatures, n: outFeatures, bits: 4, blockSize, accuracyLevel: 4 });
+    return linearNBits(x, { weight: stored("weight"), scales: stored("scales"), zeroPoints: stored("zero_points") }, bias, { k: inFeatures, n: outFeatures, blockSize });
   }
   return op.linear(x, p.get(dtype === "fp16" ? `${weightName}.fp16` : weightName, [outFeatures, inFeatures]), bias);
 }
@@ -75,8 +80,55 @@ export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | 
   const peak = op.max(op.reduceMax(x, [-1]), op.neg(op.reduceMin(x, [-1])));
   const rowScale = op.max(op.mul(peak, g.scalar(1 / 127)), g.scalar(1e-30));
   const rowCodes = op.quantizeRows(x, rowScale, op.expand(zeroPoint, op.shapeOf(rowScale), rowScale.shape));
-  const y = op.mul(op.matMulIntegerToFloat(rowCodes, codes, g.scalar(1), scales, zeroPoint), rowScale);
-  return bias ? op.add(y, bias) : y;
+  const product = op.mul(op.matMulIntegerToFloat(rowCodes, codes, g.scalar(1), scales, zeroPoint), rowScale);
+  const y = bias ? op.add(product, bias) : product;
+  // Backward, straight through the rounding of the rows (taken as the identity, as quantized
+  // training does): d x = d y @ W with W the same 8-bit weight, dequantized to [K, N] = W^T for
+  // this product only. Gemm reads it transposed in place; a MatMul by its transpose would let ONNX
+  // Runtime move the transpose onto the codes and keep a second, transposed copy of every weight.
+  defineVjp(y, [x], (dy) => new Map([[x, op.linear(dy, op.dequantizeColumns(codes, scales), null)]]));
+  return y;
+}
+
+/** A weight in MatMulNBits's 4-bit blocks (quantize/blockQuant.ts), as stored in the checkpoint. */
+export interface NBitsWeight {
+  /** [N, K / blockSize, blockSize / 2]: two codes per byte, low bits first. */
+  weight: Value;
+  /** [N * K / blockSize] */
+  scales: Value;
+  /** [N * ceil(K / blockSize / 2)]: two per byte along each row's blocks, low bits first. */
+  zeroPoints: Value;
+}
+
+/**
+ * `x @ W^T + bias` for W [N, K] in 4-bit blocks, run by MatMulNBits. Its gradient with respect to
+ * `x` is d y @ W with W the same blocks dequantized (`dequantizeNBits`), for this product only.
+ */
+export function linearNBits(x: Value, w: NBitsWeight, bias: Value | null, o: { k: number; n: number; blockSize: number }): Value {
+  const y = op.matMulNBits(x, w.weight, w.scales, w.zeroPoints, bias, { ...o, bits: 4, accuracyLevel: 4 });
+  defineVjp(y, [x], (dy) => new Map([[x, op.matmul(dy, dequantizeNBits(w, o))]]));
+  return y;
+}
+
+/**
+ * The [N, K] float matrix a 4-bit weight stands for, in standard ONNX ops: the codes and zero
+ * points unpacked from their bytes, then (code - zero point) x scale per block.
+ */
+export function dequantizeNBits(w: NBitsWeight, o: { k: number; n: number; blockSize: number }): Value {
+  const blocks = o.k / o.blockSize;
+  const codes = op.reshape(unpackNibbles(w.weight), [o.n, o.k]);
+  const zeroPoints = op.slice(unpackNibbles(op.reshape(w.zeroPoints, [o.n, -1])), [0], [blocks], [1]);
+  return op.dequantizeBlocks(codes, op.reshape(w.scales, [o.n, blocks]), zeroPoints, o.blockSize);
+}
+
+/** uint8 [..., B] holding two 4-bit values per byte, low bits first -> those values, [..., 2B]. */
+function unpackNibbles(bytes: Value): Value {
+  const g = bytes.graph;
+  const last = bytes.rank;
+  const low = op.bitwiseAnd(bytes, g.constant(Uint8Array.from([15]), "uint8", []));
+  const high = op.shiftRight(bytes, g.constant(Uint8Array.from([4]), "uint8", []));
+  const pairs = op.concat([op.unsqueeze(low, [last]), op.unsqueeze(high, [last])], last);
+  return op.reshape(pairs, [...(bytes.shape.slice(0, -1) as number[]), 2 * (bytes.dim(-1) as number)]);
 }
 
 export function layerNormLayer(p: Params, x: Value, dim: number, eps: number, affine = true): Value {
