@@ -141,11 +141,13 @@ export function generationRunner(blip2: Blip2): BatchRunner<GenItem, GenResult> 
         return { ...common, text, ids, finishReason: "stop", completionTokens: row.fresh.length };
       }
       const { caption } = blip2.result(full, promptIds);
+      // The ids as this prompt alone gives them: without the padding that the batch put in it.
+      const ids = [...promptIds.filter((_, j) => inputs.attentionMask[i]![j]), ...full.slice(promptIds.length)];
       const stopped = firstStop(caption, items[i]!.stop);
       const text = stopped >= 0 ? caption.slice(0, stopped).trimEnd() : caption;
       const [completionTokens, ended] = countNew(full, promptIds.length, g.eosTokenIds, blip2.model.config.text.modelType === "opt");
       row.emit(text);
-      return { ...common, text, ids: full, finishReason: stopped >= 0 || ended ? "stop" : "length", completionTokens };
+      return { ...common, text, ids: blip2.model.config.text.modelType === "opt" ? ids : full, finishReason: stopped >= 0 || ended ? "stop" : "length", completionTokens };
     });
   };
 }
