@@ -128,6 +128,30 @@ describe("a retrieval checkpoint given to a generating command", () => {
   });
 });
 
+describe("a reader that closes the pipe early (| head)", () => {
+  it("ends the command quietly with the status of SIGPIPE, not a stack trace", async () => {
+    const images = ["image0.png", "image1.png", "image2.png", "image0.png", "image1.png"].map((f) => fixture(f));
+    {
+      const r = await new Promise<{ code: number | null; stderr: string; got: string }>((resolve, reject) => {
+        const child = spawn(process.execPath, ["--import", "tsx", MAIN, "caption", "--json", "-m", fixture("tiny-blip2-opt"), "--batch-size", "1", "--max-new-tokens", "3", ...images]);
+        let stderr = "";
+        let got = "";
+        child.stderr.on("data", (c) => (stderr += c));
+        // Like `head -c 10`: read the first bytes, then close the pipe while the command goes on.
+        child.stdout.once("data", (c) => {
+          got = String(c).slice(0, 10);
+          child.stdout.destroy();
+        });
+        child.on("error", reject);
+        child.on("close", (code) => resolve({ code, stderr, got }));
+      });
+      expect(r.got).toBe('{"image":"');
+      expect(r.stderr).toBe("");
+      expect(r.code).toBe(141);
+    }
+  }, 60_000);
+});
+
 describe("blip2 index and search write only into blip2 indexes", () => {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-reliability-"));
   const photos = path.join(work, "photos");
