@@ -267,7 +267,7 @@ describe("errors are JSON with a stable code", () => {
       const bomb = bombPng(50_000, 40_000);
       expect(bomb.length).toBeLessThan(200);
       const started = performance.now();
-      expectError(await upload(`${small.url}/v1/caption`, { image: new Blob([bomb]) }), 413, "image_too_large");
+      expectError(await upload(`${small.url}/v1/caption`, { image: new Blob([new Uint8Array(bomb)]) }), 413, "image_too_large");
       expect(performance.now() - started).toBeLessThan(2000);
       expectError(await upload(`${small.url}/v1/caption`, { image: new Blob([fs.readFileSync(fixture("photo640x427.png"))]) }), 413, "body_too_large");
     } finally {
@@ -387,7 +387,7 @@ describe("the queue", () => {
 
   it("a job that leaves a running batch is answered at once; the batch stops when all have left", async () => {
     let seen: AbortSignal | null = null;
-    const scheduler = new Scheduler<string, string>((items, signal) => {
+    const scheduler = new Scheduler<string, string>((_items, signal) => {
       seen = signal;
       return new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason)));
     }, { maxQueue: 10, maxBatch: 4 });
