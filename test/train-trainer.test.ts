@@ -7,6 +7,8 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { Blip2ForImageTextRetrieval } from "../src/api/retrieval.js";
+import { Blip2 } from "../src/api/tasks.js";
 import { Checkpoint } from "../src/io/checkpoint.js";
 import { readSafetensorsHeader, readTensorBytes } from "../src/io/safetensors.js";
 import { train, type TrainOptions } from "../src/train/trainer.js";
@@ -65,6 +67,18 @@ describe("trainer", () => {
       if (frozen) expect(Buffer.compare(readTensorBytes(s), readTensorBytes(info)), name).toBe(0);
       else if (name === "qformer.layernorm.weight") expect(Buffer.compare(readTensorBytes(s), readTensorBytes(info)), `${name} was trained`).not.toBe(0);
     }
+    // blip2 loads the trained checkpoint and runs ITC and ITM with it, with other scores than before.
+    const scores = async (dir: string) => {
+      const m = await Blip2ForImageTextRetrieval.fromPretrained(dir);
+      const out = { itc: await m.similarity(images.slice(0, 2), captions.slice(0, 2)), itm: (await m.match(images.slice(0, 2), captions.slice(0, 2))).probability };
+      await m.dispose();
+      return out;
+    };
+    const before = await scores(path.join(fixtures, "hf-4.45/itm"));
+    const after = await scores(out);
+    for (const v of [...after.itc.flat(), ...after.itm.flat()]) expect(Number.isFinite(v)).toBe(true);
+    expect(after.itc).not.toEqual(before.itc);
+    expect(after.itm).not.toEqual(before.itm);
   });
 
   for (const [model, name, stage] of [["hf-4.45/itm", "itm", 1], ["hf-4.45/opt", "opt", 2], ["hf-4.45/t5", "t5", 2]] as const) {
@@ -87,6 +101,12 @@ describe("trainer", () => {
       const a = readSafetensorsHeader(path.join(straight, "model.safetensors")).tensors;
       const b = readSafetensorsHeader(path.join(split, "model.safetensors")).tensors;
       for (const [n, info] of a) expect(Buffer.compare(readTensorBytes(info), readTensorBytes(b.get(n)!)), n).toBe(0);
+      if (stage === 2) {
+        // blip2 loads the trained checkpoint and captions with it.
+        const blip2 = await Blip2.load(split);
+        expect(typeof (await blip2.caption(images[0]!, { maxNewTokens: 5 }))).toBe("string");
+        await blip2.dispose();
+      }
       const input = tensorsOf(path.join(fixtures, model));
       for (const [n, info] of input) {
         const s = b.get(n)!;

@@ -7,6 +7,7 @@ import { caption } from "./commands/caption.js";
 import { chat } from "./commands/chat.js";
 import { compose } from "./commands/compose.js";
 import { dump } from "./commands/dump.js";
+import { evalCommand } from "./commands/eval.js";
 import { grad } from "./commands/grad.js";
 import { index } from "./commands/index.js";
 import { match } from "./commands/match.js";
@@ -16,7 +17,7 @@ import { serve } from "./commands/serve.js";
 import { trainCommand } from "./commands/train.js";
 import { world } from "./commands/world.js";
 
-const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, grad, world, serve];
+const COMMANDS: Command[] = [caption, ask, chat, match, index, search, quantize, cache, dump, compose, trainCommand, evalCommand, grad, world, serve];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));

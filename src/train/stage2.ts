@@ -66,6 +66,8 @@ export interface Stage2GraphOptions {
    * dropout, in eval mode, as LAVIS runs its frozen image encoder.
    */
   dropout?: boolean;
+  /** Build the backward part (default true); without it the graph gives the loss only (evaluation). */
+  gradients?: boolean;
 }
 
 const dropoutFor = (g: Graph, options: Stage2GraphOptions) => (options.dropout ? DropoutContext.input(g) : undefined);
@@ -75,9 +77,10 @@ function featuresInput(g: Graph, cfg: Blip2Config, batch: number): Value {
   return g.input("image_features", "float32", [batch, patches, cfg.vision.hiddenSize]);
 }
 
-/** Outputs the loss and `grad.<name>` of every trained tensor. */
-function finish(g: Graph, loss: Value): Graph {
+/** Outputs the loss and, unless asked not to, `grad.<name>` of every trained tensor. */
+function finish(g: Graph, loss: Value, options: Stage2GraphOptions): Graph {
   g.output(loss, "loss");
+  if (options.gradients === false) return g;
   const trained = [...g.trained.entries()];
   gradients(loss, trained.map(([, v]) => v)).forEach((grad, i) => g.output(grad, `grad.${trained[i]![0]}`));
   return g;
@@ -112,7 +115,7 @@ export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2
   });
   const everyPosition = g.ints(Array.from({ length: total }, (_, i) => i));
   const logits = optDecoder(decoder, lm, text, embeds, mask, noCache, everyPosition).logits;
-  return finish(g, lmLoss(logits, targets, weights));
+  return finish(g, lmLoss(logits, targets, weights), options);
 }
 
 /**
@@ -147,7 +150,7 @@ export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2G
   const everyPosition = g.ints(Array.from({ length: l }, (_, i) => i));
   const logits = t5Decoder(lm, text, decoderIds, decoderBuckets, decoderMask, mask, cross, null, everyPosition).logits;
   const v = text.vocabSize;
-  return finish(g, crossEntropy(op.reshape(logits, [s.batch * l, v]), op.reshape(targets, [-1]), op.reshape(weights, [-1])));
+  return finish(g, crossEntropy(op.reshape(logits, [s.batch * l, v]), op.reshape(targets, [-1]), op.reshape(weights, [-1])), options);
 }
 
 

@@ -95,6 +95,8 @@ async function runTraining(graph: Graph, session: CompiledGraph, feeds: Record<s
  */
 export interface StepOptions {
   dropoutSeed?: number;
+  /** Stage 2: the loss alone, no backward (evaluation). */
+  lossOnly?: boolean;
 }
 
 function dropoutFeed(seed: number | undefined): Record<string, ort.Tensor> {
@@ -172,8 +174,9 @@ export class Stage2Step {
     const { shape, feeds } = stage2Feeds(this.checkpoint.config, batch);
     const seed = dropoutFeed(options.dropoutSeed);
     const dropout = options.dropoutSeed !== undefined;
-    const key = `stage2 ${shapeKey(shape)}${dropout ? " dropout" : ""}`;
-    const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape, { dropout }));
+    const lossOnly = options.lossOnly === true;
+    const key = `stage2 ${shapeKey(shape)}${dropout ? " dropout" : ""}${lossOnly ? " loss" : ""}`;
+    const { graph, session } = await this.graphs.get(key, () => stage2Graph(this.checkpoint, shape, { dropout, gradients: !lossOnly }));
     return runTraining(graph, session, { ...feeds, image_features: features, ...seed }, params);
   }
 
