@@ -233,6 +233,19 @@ describe("world images", () => {
     expect(() => renderScene(s, 16)).toThrow(/world image size must be an integer from 32 to 1024 pixels, got 16/);
   });
 
+  it("add noise of the scene's standard deviation, centred on the background", () => {
+    const plain: Scene = { seed: 5, split: "train", background: { from: [120, 100, 140], to: [120, 100, 140], angle: 0, stripes: null, noise: 5 }, objects: [] };
+    const img = renderScene(plain, 128);
+    for (let c = 0; c < 3; c++) {
+      const values = Array.from({ length: 128 * 128 }, (_, i) => img.data[i * 3 + c]!);
+      const mean = values.reduce((a, b) => a + b, 0) / values.length;
+      const sd = Math.sqrt(values.reduce((a, b) => a + (b - mean) ** 2, 0) / values.length);
+      expect(mean).toBeCloseTo(plain.background.from[c]!, 0);
+      expect(sd).toBeGreaterThan(4.8);
+      expect(sd).toBeLessThan(5.2);
+    }
+  });
+
   for (const size of [64, 224]) {
     it(`show each object at ${size} px in its colour where the scene puts it, at its size, and nothing else`, () => {
       for (const s of everySplit.filter((_, i) => i % (size === 64 ? 10 : 100) === 0)) {

@@ -95,8 +95,19 @@ function paintObject(pixels: Float32Array, size: number, object: WorldObject): v
   }
 }
 
+/**
+ * Nearly Gaussian noise of standard deviation `sigma`: the sum of the four bytes of one 32-bit draw
+ * (Irwin–Hall with four terms), centred and scaled. One integer draw per value instead of
+ * Box–Muller's two doubles and a logarithm: most of the time of a large image went there.
+ */
 function addNoise(pixels: Float32Array, sigma: number, rng: Rng): void {
-  for (let i = 0; i < pixels.length; i++) pixels[i] = pixels[i]! + sigma * rng.normal();
+  const mean = 4 * 127.5;
+  const sd = Math.sqrt((4 * (256 * 256 - 1)) / 12);
+  for (let i = 0; i < pixels.length; i++) {
+    const x = rng.nextUint32();
+    const sum = (x & 255) + ((x >>> 8) & 255) + ((x >>> 16) & 255) + (x >>> 24);
+    pixels[i] = pixels[i]! + (sigma * (sum - mean)) / sd;
+  }
 }
 
 /**

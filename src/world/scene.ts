@@ -40,7 +40,7 @@ export interface Background {
   angle: number;
   /** Faint stripes over the gradient, or null. `period`: fraction of the side; `amplitude`: 0–255. */
   stripes: { period: number; angle: number; amplitude: number } | null;
-  /** Standard deviation of the Gaussian noise added to every pixel and channel (0–255 scale). */
+  /** Standard deviation of the (nearly Gaussian) noise added to every pixel and channel (0–255 scale). */
   noise: number;
 }
 
