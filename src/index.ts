@@ -15,3 +15,7 @@ export { askScene, captionMatchesScene, captionScene, parseCaption, questionProm
 export { renderPng, renderScene } from "./world/render.js";
 export { generateScene, sceneSeed, splitOfSeed, SPLITS, type Background, type Scene, type Split, type WorldObject } from "./world/scene.js";
 export { COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, type Colour, type Position, type Shape, type Size } from "./world/vocabulary.js";
+export { train, Trainer, type StepInfo, type TrainOptions, type TrainResult } from "./train/trainer.js";
+export { batchGradients, type GradBatch, type GradOptions } from "./train/grad.js";
+export { evaluateLanguageModel, evaluateRetrieval, type EvaluateOptions, type LanguageModelScore, type RetrievalRecall } from "./api/evaluate.js";
+export { composeStage2, type ComposeOptions } from "./train/compose.js";
