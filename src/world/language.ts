@@ -53,8 +53,7 @@ export function captionScene(scene: Scene, count = 1): string[] {
 
 function caption(objects: WorldObject[], rng: Rng): string {
   const relation = relationOf(objects);
-  const forms = relation ? 6 : 5;
-  switch (rng.int(forms)) {
+  switch (rng.int(relation ? 5 : 4)) {
     case 0:
       return list(objects.map((o) => `${nounPhrase(o)} ${place(o.position, rng)}`));
     case 1:
@@ -62,7 +61,6 @@ function caption(objects: WorldObject[], rng: Rng): string {
     case 2:
       return `a picture of ${list(objects.map((o) => `${nounPhrase(o)} ${place(o.position, rng)}`))}`;
     case 3:
-    case 4:
       // Listed in the other direction half the time, so that the order is no cue to the place.
       return list((rng.int(2) ? objects : [...objects].reverse()).map((o) => `${place(o.position, rng)} is ${nounPhrase(o)}`));
     default: {
