@@ -8,7 +8,14 @@ import { cli, fixture } from "./helpers.js";
 import { expectClose, fixture as trainFixture } from "./trainFixtures.js";
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-cli-train-"));
-afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+// Image features are cached under the blip2 cache: a temporary one, not the user's.
+const savedCache = process.env.BLIP2_CACHE;
+process.env.BLIP2_CACHE = path.join(tmp, "cache");
+afterAll(() => {
+  if (savedCache === undefined) delete process.env.BLIP2_CACHE;
+  else process.env.BLIP2_CACHE = savedCache;
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
 
 function write(name: string, contents: string): string {
   const file = path.join(tmp, name);

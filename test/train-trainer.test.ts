@@ -118,3 +118,26 @@ describe("trainer", () => {
     });
   }
 });
+
+describe("image features for training", () => {
+  it("are computed once per image and read from the cache afterwards, and equal the encoder's output", async () => {
+    const { ImageFeatures } = await import("../src/train/features.js");
+    const { Blip2Processor } = await import("../src/processor.js");
+    const ckpt = Checkpoint.open(path.join(fixtures, "hf-4.45/itm"));
+    const processor = await Blip2Processor.fromDirectory(ckpt.dir, ckpt.config);
+    const cache = path.join(tmp, "features-cache");
+    const first = new ImageFeatures(ckpt, processor.imageProcessor, {}, cache);
+    const a = await first.of(images.slice(0, 3), ["a", "b", "c"]);
+    expect(first.computed).toBe(3);
+    const again = await first.of([images[1]!, images[3]!], ["b", "d"]);
+    expect(first.computed).toBe(4);
+    await first.release();
+    const later = new ImageFeatures(ckpt, processor.imageProcessor, {}, cache);
+    const b = await later.of(images.slice(0, 3), ["a", "b", "c"]);
+    expect(later.computed).toBe(0);
+    expect(Array.from(b.data as Float32Array)).toEqual(Array.from(a.data as Float32Array));
+    const per = (a.data as Float32Array).length / 3;
+    expect(Array.from((again.data as Float32Array).subarray(0, per))).toEqual(Array.from((a.data as Float32Array).subarray(per, 2 * per)));
+    await later.release();
+  });
+});

@@ -25,6 +25,8 @@ export class ImageFeatures {
   private readonly folder: string | null;
   /** Features per token row: [tokens, hidden]. */
   readonly rowShape: [number, number];
+  /** Images run through the encoder so far (the rest came from the cache). */
+  computed = 0;
 
   constructor(
     private readonly checkpoint: Checkpoint,
@@ -71,6 +73,7 @@ export class ImageFeatures {
       const session = await (this.session ??= CompiledGraph.create(imageFeaturesGraph(this.checkpoint), this.runtime));
       const result = (await session.run({ pixel_values: new ort.Tensor("float32", pixels, [missing.length, 3, size, size]) })).image_features!;
       const data = result.data as Float32Array;
+      this.computed += missing.length;
       missing.forEach((i, k) => {
         const row = data.subarray(k * per, (k + 1) * per);
         out.set(row, i * per);
