@@ -139,6 +139,11 @@ const CASES: Record<string, Case> = {
     fixed: { at: ids([3, 2], [1, 1, 0, 3, 2, 2]) },
     build: ([x, at]) => x!.graph.addNode("GatherElements", [x!, at!], { axis: attr.int(1) }, [{ dtype: "float32", shape: [3, 2] }])[0]!,
   },
+  Conv: {
+    // A patch embedding (stride = kernel); 7 x 6 leaves a row and a column no patch reaches.
+    inputs: [{ name: "x", shape: [2, 2, 7, 6] }, { name: "w", shape: [3, 2, 3, 3] }, { name: "bias", shape: [3] }],
+    build: ([x, w, b]) => op.conv(x!, w!, b!, 3),
+  },
   MultiHeadAttention: {
     inputs: [{ name: "q", shape: [1, 3, 4] }, { name: "k", shape: [1, 2, 3, 2] }, { name: "v", shape: [1, 2, 3, 2] }],
     build: ([q, k, v], g) => op.multiHeadAttention(q!, k!, v!, g.constant(Float32Array.from([0, -1e9, -1e9, 0, 0, -1e9, 0, 0, 0]), "float32", [1, 1, 3, 3]), { heads: 2, scale: 0.7 }),
@@ -199,8 +204,14 @@ describe("backward graph", () => {
     expect(Array.from(out.du!.data as Float32Array)).toEqual([0, 0, 0]);
 
     const h = new Graph("norule");
-    const a = h.input("a", "float32", [1, 1, 3, 3]);
+    const a = h.input("a", "float32", [2, 3]);
+    expect(() => gradients(op.reduceSum(op.cumsum(a, 1), [0, 1], false), [a])).toThrow(/no vector-Jacobian rule for CumSum/);
+  });
+
+  it("Conv is differentiated only as a patch embedding (stride = kernel)", () => {
+    const h = new Graph("overlapping");
+    const a = h.input("a", "float32", [1, 1, 4, 4]);
     const conv = op.conv(a, h.constant(new Float32Array(4), "float32", [1, 1, 2, 2]), null, 1);
-    expect(() => gradients(op.reduceSum(conv, [0, 1, 2, 3], false), [a])).toThrow(/no vector-Jacobian rule for Conv/);
+    expect(() => gradients(op.reduceSum(conv, [0, 1, 2, 3], false), [a])).toThrow(/Conv is differentiated only as a patch embedding/);
   });
 });

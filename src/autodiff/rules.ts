@@ -359,3 +359,35 @@ RULES.MultiHeadAttention = (ctx) => {
   const grads = backprop(q.graph, [[out, grad(ctx)]], wrt);
   return ctx.node.inputs.map((x, i) => (i < 3 && ctx.wanted[i] ? (grads.get(x!) ?? null) : null));
 };
+
+/**
+ * Conv as the ViT's patch embedding uses it: stride equal to the kernel, no padding, dilation 1,
+ * one group, so the patches do not overlap. Recomputed as a product over patches ([B, C, H, W] ->
+ * [B, patches, C*kh*kw] @ W^T reshaped, plus the bias) and differentiated there: rows and columns
+ * the last patch does not reach get zero gradient, as in the convolution.
+ */
+RULES.Conv = (ctx) => {
+  const n = ctx.node;
+  const [x, w] = [input(ctx, 0), input(ctx, 1)];
+  const bias = n.inputs[2] ?? null;
+  const [outC, inC, kh, kw] = concrete(w);
+  const ints = (name: string) => (n.attrs[name]?.value as number[] | undefined) ?? null;
+  const strides = ints("strides") ?? [1, 1];
+  const pads = ints("pads") ?? [0, 0, 0, 0];
+  const dilations = ints("dilations") ?? [1, 1];
+  const autoPad = n.attrs.auto_pad?.value ?? "NOTSET";
+  if (strides[0] !== kh || strides[1] !== kw || pads.some((p) => p !== 0) || dilations.some((d) => d !== 1) || attrInt(n, "group", 1) !== 1 || autoPad !== "NOTSET") {
+    throw new Blip2Error("autodiff: Conv is differentiated only as a patch embedding (stride = kernel, no padding, dilation 1, one group)");
+  }
+  const [b, , h, wd] = concrete(x);
+  const [gh, gw] = [Math.floor(h! / kh!), Math.floor(wd! / kw!)];
+  const covered = gh * kh! === h && gw * kw! === wd ? x : op.slice(x, [0, 0], [gh * kh!, gw * kw!], [2, 3]);
+  const blocks = op.reshape(covered, [b!, inC!, gh, kh!, gw, kw!]);
+  const patches = op.reshape(op.transpose(blocks, [0, 2, 4, 1, 3, 5]), [b!, gh * gw, inC! * kh! * kw!]);
+  let y = op.matmul(patches, op.transpose(op.reshape(w, [outC!, inC! * kh! * kw!]), [1, 0]));
+  if (bias) y = op.add(y, bias);
+  const out = op.transpose(op.reshape(y, [b!, gh, gw, outC!]), [0, 3, 1, 2]);
+  const wrt = [x, w, bias].filter((v, i): v is Value => v !== null && ctx.wanted[i] === true);
+  const grads = backprop(x.graph, [[out, grad(ctx)]], wrt);
+  return n.inputs.map((v, i) => (v && ctx.wanted[i] ? (grads.get(v) ?? null) : null));
+};
