@@ -81,13 +81,19 @@ describe("stopping a stream", () => {
       if (++calls === 3) return Promise.reject(new Error("worker lost"));
       return real.apply(this, args);
     });
-    const consume = async (leaveAfter: number) => {
+    const consume = async (leaveAfter: number, pause = 0) => {
       let n = 0;
-      for await (const _ of b.model.stream({ ...inputs, maxNewTokens: 30, minNewTokens: 30 })) if (++n === leaveAfter) break;
+      for await (const _ of b.model.stream({ ...inputs, maxNewTokens: 30, minNewTokens: 30 })) {
+        if (pause) await new Promise((r) => setTimeout(r, pause));
+        if (++n === leaveAfter) break;
+      }
     };
     await expect(consume(100)).rejects.toThrow("worker lost");
     calls = 0;
     // Leaving at the second token, while the failing step is in flight: the failure is not lost.
     await expect(consume(2)).rejects.toThrow("worker lost");
+    calls = 0;
+    // A slow consumer: the generation has failed before the loop leaves at a queued token.
+    await expect(consume(2, 300)).rejects.toThrow("worker lost");
   });
 });

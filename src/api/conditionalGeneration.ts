@@ -100,16 +100,13 @@ export class Blip2ForConditionalGeneration {
         await new Promise<void>((resolve) => (wake = resolve));
         wake = null;
       }
-      await generation;
     } finally {
-      if (!done) {
-        // The consumer left early: stop at the next step and wait for the cache to be freed. The
-        // stop itself is no error; any other failure is.
-        stop.abort();
-        await generation.catch((err) => {
-          if (!(stop.signal.aborted && err === stop.signal.reason)) throw err;
-        });
-      }
+      // A consumer that left early stops the generation at its next step. Either way the cache is
+      // freed before the loop is left, and a failure of the generation is thrown (the stop is none).
+      if (!done) stop.abort();
+      await generation.catch((err) => {
+        if (!(stop.signal.aborted && err === stop.signal.reason)) throw err;
+      });
     }
   }
 
