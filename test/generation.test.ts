@@ -106,7 +106,7 @@ describe("OPT's session runs", () => {
     const out = await generateIds(rt, { pixelValues: ref.get("case1.pixel_values")!.data, inputIds: [cs.input_ids], attentionMask: [cs.attention_mask] }, options({ maxNewTokens: 10, minNewTokens: 10 }));
     expect(out.sequences).toEqual([cs.greedy_min10_ids]);
     // The image, the prompt, then 9 steps (the 10th token is never fed back).
-    expect(runs.mock.contexts.map((s) => s.name)).toEqual(["image", ...new Array(10).fill("opt_decoder")]);
+    expect((runs.mock.contexts as CompiledGraph[]).map((s) => s.name)).toEqual(["image", ...new Array(10).fill("opt_decoder")]);
     runs.mockRestore();
   });
 });
