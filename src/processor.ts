@@ -37,6 +37,12 @@ export interface ProcessorLoadOptions {
    * `BlipImageProcessorPil` do ("pil"). Default: what the checkpoint's image_processor_type means in transformers 5.
    */
   imageBackend?: ImageProcessorBackend;
+  /**
+   * Turn images upright by their EXIF orientation, as transformers' `load_image` (and so its
+   * pipelines) does. Default false: as transformers' processor given a PIL image from `open`, which
+   * does not. `Blip2.load` and `pipeline` turn it on.
+   */
+  exifOrientation?: boolean;
 }
 
 /** A processor can be called like a function, as in transformers(.js): `await processor({ images, text })`. */
@@ -85,7 +91,7 @@ export class Blip2Processor {
         throw new Blip2Error(`${processorFile}: num_query_tokens is ${numQueryTokens} but config.json's num_query_tokens is ${config.numQueryTokens}`);
       }
     }
-    return new Blip2Processor(new BlipImageProcessor(imageConfig), tokenizer, numQueryTokens, imageTokenId);
+    return new Blip2Processor(new BlipImageProcessor(imageConfig, { exifOrientation: options.exifOrientation }), tokenizer, numQueryTokens, imageTokenId);
   }
 
   /** Pixel values for the images and token ids for the prompts (one prompt per image). */

@@ -8,7 +8,9 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import sharp from "sharp";
 import { describe, expect, it } from "vitest";
+import { Blip2, Blip2Processor, pipeline } from "../src/index.js";
 import { cli, cliWithInput, fixture } from "./helpers.js";
 
 const MAIN = path.join(path.dirname(fixture()), "..", "src", "cli", "main.ts");
@@ -131,24 +133,22 @@ describe("a retrieval checkpoint given to a generating command", () => {
 describe("a reader that closes the pipe early (| head)", () => {
   it("ends the command quietly with the status of SIGPIPE, not a stack trace", async () => {
     const images = ["image0.png", "image1.png", "image2.png", "image0.png", "image1.png"].map((f) => fixture(f));
-    {
-      const r = await new Promise<{ code: number | null; stderr: string; got: string }>((resolve, reject) => {
-        const child = spawn(process.execPath, ["--import", "tsx", MAIN, "caption", "--json", "-m", fixture("tiny-blip2-opt"), "--batch-size", "1", "--max-new-tokens", "3", ...images]);
-        let stderr = "";
-        let got = "";
-        child.stderr.on("data", (c) => (stderr += c));
-        // Like `head -c 10`: read the first bytes, then close the pipe while the command goes on.
-        child.stdout.once("data", (c) => {
-          got = String(c).slice(0, 10);
-          child.stdout.destroy();
-        });
-        child.on("error", reject);
-        child.on("close", (code) => resolve({ code, stderr, got }));
+    const r = await new Promise<{ code: number | null; stderr: string; got: string }>((resolve, reject) => {
+      const child = spawn(process.execPath, ["--import", "tsx", MAIN, "caption", "--json", "-m", fixture("tiny-blip2-opt"), "--batch-size", "1", "--max-new-tokens", "3", ...images]);
+      let stderr = "";
+      let got = "";
+      child.stderr.on("data", (c) => (stderr += c));
+      // Like `head -c 10`: read the first bytes, then close the pipe while the command goes on.
+      child.stdout.once("data", (c) => {
+        got = String(c).slice(0, 10);
+        child.stdout.destroy();
       });
-      expect(r.got).toBe('{"image":"');
-      expect(r.stderr).toBe("");
-      expect(r.code).toBe(141);
-    }
+      child.on("error", reject);
+      child.on("close", (code) => resolve({ code, stderr, got }));
+    });
+    expect(r.got).toBe('{"image":"');
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(141);
   }, 60_000);
 });
 
@@ -265,5 +265,44 @@ describe("blip2 index over awkward folders", () => {
     }
     const embeddings = (file: string) => new Database(file, { readonly: true }).prepare("SELECT path, embedding FROM images ORDER BY path").all();
     expect(embeddings(path.join(work, "batch8.sqlite"))).toEqual(embeddings(path.join(work, "batch1.sqlite")));
+  });
+});
+
+describe("a phone photo stored sideways (EXIF orientation 6)", async () => {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-exif-"));
+  // The photo turned a quarter anticlockwise and stored so, with orientation 6 to turn it back.
+  const sideways = await sharp(fixture("photo640x427.jpg")).rotate(-90).raw().toBuffer({ resolveWithObject: true });
+  const raw = { raw: { width: sideways.info.width, height: sideways.info.height, channels: 3 as const } };
+  const phone = path.join(work, "phone.jpg");
+  await sharp(sideways.data, raw).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toFile(phone);
+  const upright = path.join(work, "upright.png");
+  await sharp(phone).rotate().png().toFile(upright);
+  const model = fixture("tiny-blip2-opt");
+
+  it("is captioned upright by the CLI", async () => {
+    const caption = async (image: string) => JSON.parse((await cli("caption", "-m", model, "--json", "--max-new-tokens", "10", image)).stdout).ids;
+    const stored = path.join(work, "stored.jpg");
+    await sharp(sideways.data, raw).jpeg({ quality: 95 }).toFile(stored);
+    expect(await caption(phone)).toEqual(await caption(upright));
+    expect(await caption(stored)).not.toEqual(await caption(upright));
+  });
+
+  it("is seen upright by the Blip2 helpers and pipeline; Blip2Processor keeps transformers' processor's view unless asked", async () => {
+    const blip2 = await Blip2.load(model);
+    const captioner = await pipeline("image-to-text", model);
+    try {
+      const pixels = async (p: Blip2Processor, image: string) => (await p.process({ images: image })).pixelValues!;
+      const reference = await pixels(blip2.processor, upright);
+      expect(await pixels(blip2.processor, phone)).toEqual(reference);
+      expect(await pixels(captioner.blip2.processor, phone)).toEqual(reference);
+      expect(await pixels(await Blip2Processor.fromPretrained(model, { exifOrientation: true }), phone)).toEqual(reference);
+      expect(await pixels(await Blip2Processor.fromPretrained(model), phone)).not.toEqual(reference);
+      const asStored = await Blip2.load(model, { exifOrientation: false });
+      await asStored.dispose();
+      expect(await pixels(asStored.processor, phone)).not.toEqual(reference);
+    } finally {
+      await blip2.dispose();
+      await captioner.dispose();
+    }
   });
 });

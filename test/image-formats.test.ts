@@ -8,6 +8,7 @@
  * SHA-256 of the RGB bytes Pillow decoded from it.
  */
 import { createHash } from "node:crypto";
+import sharp from "sharp";
 import { describe, expect, it } from "vitest";
 import { loadImage } from "../src/image/decode.js";
 
@@ -246,5 +247,24 @@ describe("decoding matches Pillow's convert('RGB')", () => {
     ]);
     const img = await loadImage(gif);
     expect(Array.from(img.data)).toEqual([255, 0, 0, 0, 255, 0]);
+  });
+});
+
+describe("EXIF orientation, when asked for (exifOrientation: true)", () => {
+  // 13x7, every pixel different, so any wrong turn or mirror shows.
+  const width = 13;
+  const height = 7;
+  const pixels = Buffer.from(Array.from({ length: width * height * 3 }, (_, i) => (i * 37) % 251));
+
+  it.each([1, 2, 3, 4, 5, 6, 7, 8])("orientation %i is turned upright as libvips' autorotate does it", async (orientation) => {
+    const jpeg = await sharp(pixels, { raw: { width, height, channels: 3 } }).jpeg({ quality: 100 }).withMetadata({ orientation }).toBuffer();
+    const upright = await sharp(jpeg).rotate().raw().toBuffer({ resolveWithObject: true });
+    const img = await loadImage(jpeg, "photo", { exifOrientation: true });
+    expect([img.width, img.height]).toEqual([upright.info.width, upright.info.height]);
+    expect(Buffer.from(img.data).equals(upright.data)).toBe(true);
+    // Not asked for: as Pillow's open, the stored pixels as they are.
+    const stored = await loadImage(jpeg, "photo");
+    expect([stored.width, stored.height]).toEqual([width, height]);
+    expect(Buffer.from(stored.data).equals(await sharp(jpeg).raw().toBuffer())).toBe(true);
   });
 });

@@ -38,7 +38,8 @@ export class Blip2 {
 
   static async load(src: string, options: ModelLoadOptions = {}): Promise<Blip2> {
     const model = await Blip2ForConditionalGeneration.fromPretrained(src, options);
-    return new Blip2(await Blip2Processor.fromDirectory(model.checkpoint.dir, model.config, options), model);
+    // Photos are shown upright, as transformers' pipelines (load_image) show them.
+    return new Blip2(await Blip2Processor.fromDirectory(model.checkpoint.dir, model.config, { ...options, exifOrientation: options.exifOrientation ?? true }), model);
   }
 
   /** Caption one image (zero-shot, or continuing `options.prompt`). */

@@ -101,6 +101,8 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
     threads: intOption(args, "threads", 1),
     device: device as Device | undefined,
     imageBackend,
+    // Photos upright by their EXIF orientation, for the retrieval commands too (Blip2.load does it).
+    exifOrientation: true,
     packedWeights: args.values["no-packed-cache"] !== true,
     packingProgress: (p) => (p.done ? progress.clear() : progress.items(`saving packed weights of ${p.graph} for this CPU (once)`, 0, 1)),
     progress: (p) => progress.download(p),

@@ -2,7 +2,9 @@
  * Image decoding that behaves like Pillow's `Image.open(x).convert("RGB")`, which is what the
  * Hugging Face BLIP image processor sees:
  *
- * - EXIF orientation is NOT applied (Pillow's `open` never rotates).
+ * - EXIF orientation is NOT applied (Pillow's `open` never rotates), unless asked for
+ *   (`exifOrientation`): then the image is turned upright as transformers' `load_image` does
+ *   (Pillow's `ImageOps.exif_transpose`), which the CLI and the `Blip2` helpers ask for.
  * - Embedded ICC profiles are ignored (Pillow does not colour-manage on open), so sharp is told
  *   `ignoreIcc`.
  * - Alpha is dropped without compositing onto a background; greyscale is replicated to three
@@ -47,6 +49,14 @@ export interface RgbImage {
 /** A file path, the encoded bytes of an image file, or raw pixels. */
 export type ImageInput = string | Buffer | Uint8Array | RawImage;
 
+export interface LoadImageOptions {
+  /**
+   * Turn the image upright by its EXIF orientation (a phone photo stored sideways), as
+   * transformers' `load_image` does; default false, as Pillow's `open` (and so the processor).
+   */
+  exifOrientation?: boolean;
+}
+
 export { MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE } from "./limits.js";
 
 /** Formats we hand to sharp (as sharp's metadata names them). */
@@ -63,7 +73,7 @@ function firstLine(err: unknown): string {
  * Load an image as 8-bit RGB. `label` names the image in error messages; it defaults to the
  * file path for a path, "image buffer" for bytes and "raw image" for raw pixels.
  */
-export async function loadImage(input: ImageInput, label?: string): Promise<RgbImage> {
+export async function loadImage(input: ImageInput, label?: string, options: LoadImageOptions = {}): Promise<RgbImage> {
   if (typeof input === "string") {
     const name = `image ${JSON.stringify(label ?? input)}`;
     if (/^[a-z][a-z0-9+.-]*:\/\//i.test(input) && !/^file:\/\//i.test(input)) {
@@ -79,10 +89,10 @@ export async function loadImage(input: ImageInput, label?: string): Promise<RgbI
       if (code === "EACCES" || code === "EPERM") fail(name, "permission denied");
       fail(name, firstLine(err), err);
     }
-    return decodeBytes(bytes, name);
+    return decodeBytes(bytes, name, options);
   }
   if (input instanceof Uint8Array) {
-    return decodeBytes(input, label === undefined ? "image buffer" : `image ${JSON.stringify(label)}`);
+    return decodeBytes(input, label === undefined ? "image buffer" : `image ${JSON.stringify(label)}`, options);
   }
   if (input !== null && typeof input === "object" && "data" in input) {
     return rawToRgb(input, label === undefined ? "raw image" : `image ${JSON.stringify(label)}`);
@@ -139,7 +149,7 @@ function toRgb(data: Uint8Array | Uint8ClampedArray, width: number, height: numb
   return { data: out, width, height };
 }
 
-async function decodeBytes(bytes: Uint8Array, label: string): Promise<RgbImage> {
+async function decodeBytes(bytes: Uint8Array, label: string, options: LoadImageOptions): Promise<RgbImage> {
   if (bytes.length === 0) fail(label, "empty (0 bytes), not an image");
   if (bytes.length >= 2 && bytes[0] === 0x42 && bytes[1] === 0x4d) return decodeBmp(bytes, label);
   if (bytes.length >= 6 && (ascii(bytes, 0, 6) === "GIF87a" || ascii(bytes, 0, 6) === "GIF89a")) return decodeGif(bytes, label);
@@ -203,11 +213,43 @@ async function decodeBytes(bytes: Uint8Array, label: string): Promise<RgbImage> 
     data = new Uint8Array(samples.length);
     for (let i = 0; i < samples.length; i++) data[i] = Math.min(samples[i]!, 255);
   }
-  if (cmyk) {
-    if (info.channels !== 4) fail(label, `decoder returned ${info.channels} channels for a CMYK image`);
-    return cmykToRgb(data, info.width, info.height);
+  if (cmyk && info.channels !== 4) fail(label, `decoder returned ${info.channels} channels for a CMYK image`);
+  const rgb = cmyk ? cmykToRgb(data, info.width, info.height) : toRgb(data, info.width, info.height, info.channels);
+  return options.exifOrientation ? orient(rgb, meta.orientation ?? 1) : rgb;
+}
+
+/**
+ * The image as EXIF `orientation` says to show it, as Pillow's `ImageOps.exif_transpose`: 2 mirrors
+ * it, 3 turns it half round, 4 flips it, 5 transposes it, 6 turns it a quarter clockwise, 7
+ * transverses it, 8 turns it a quarter anticlockwise. Each maps an output pixel (x, y) of the
+ * output size to the source pixel it shows.
+ */
+export function orient(img: RgbImage, orientation: number): RgbImage {
+  const { width: w, height: h } = img;
+  const source: Record<number, (x: number, y: number) => [number, number]> = {
+    2: (x, y) => [w - 1 - x, y],
+    3: (x, y) => [w - 1 - x, h - 1 - y],
+    4: (x, y) => [x, h - 1 - y],
+    5: (x, y) => [y, x],
+    6: (x, y) => [y, h - 1 - x],
+    7: (x, y) => [w - 1 - y, h - 1 - x],
+    8: (x, y) => [w - 1 - y, x],
+  };
+  const from = source[orientation];
+  if (!from) return img;
+  const [width, height] = orientation >= 5 ? [h, w] : [w, h];
+  const out = new Uint8Array(img.data.length);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const [sx, sy] = from(x, y);
+      const s = (sy * w + sx) * 3;
+      const o = (y * width + x) * 3;
+      out[o] = img.data[s]!;
+      out[o + 1] = img.data[s + 1]!;
+      out[o + 2] = img.data[s + 2]!;
+    }
   }
-  return toRgb(data, info.width, info.height, info.channels);
+  return { data: out, width, height };
 }
 
 /**

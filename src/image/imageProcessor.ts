@@ -18,7 +18,7 @@
  * own, bit for bit.
  */
 import { Blip2Error } from "../errors.js";
-import { loadImage, type ImageInput, type RgbImage } from "./decode.js";
+import { loadImage, type ImageInput, type LoadImageOptions, type RgbImage } from "./decode.js";
 import { resize, RESAMPLING_NAMES, Resampling } from "./resize.js";
 import { resizeTorch, torchInterpolationFor } from "./resizeTorch.js";
 
@@ -230,8 +230,11 @@ function torchRescaleNormalize(c: ImageProcessorConfig, ch: number): (byte: numb
  */
 export class BlipImageProcessor {
   readonly config: ImageProcessorConfig;
+  /** Turn images upright by their EXIF orientation (see loadImage); off by default, as in transformers' processor. */
+  readonly exifOrientation: boolean;
 
-  constructor(config: ImageProcessorConfig) {
+  constructor(config: ImageProcessorConfig, options: LoadImageOptions = {}) {
+    this.exifOrientation = options.exifOrientation ?? false;
     this.config = {
       ...config,
       size: { ...config.size },
@@ -281,7 +284,7 @@ export class BlipImageProcessor {
       const input = list[i]!;
       // Name images in a batch by index so an error says which one failed.
       const label = many && typeof input !== "string" ? (input instanceof Uint8Array ? `buffer #${i}` : `raw pixels #${i}`) : undefined;
-      const rgb = await loadImage(input, label);
+      const rgb = await loadImage(input, label, { exifOrientation: this.exifOrientation });
       const height = this.config.doResize ? this.config.size.height : rgb.height;
       const width = this.config.doResize ? this.config.size.width : rgb.width;
       results.push({ values: this.preprocessRgb(rgb), height, width });

@@ -72,7 +72,7 @@ export async function updateIndex(store: ImageStore, model: Blip2ForImageTextRet
     const pendingByHash = new Map<string, number>();
     const copies: { record: Omit<ImageRecord, "embedding">; of: number }[] = [];
     for (const file of todo.slice(i, i + batchSize)) {
-      const read = await readImage(file);
+      const read = await readImage(file, model.processor.imageProcessor.exifOrientation);
       if ("error" in read) {
         report.unreadable.push({ path: file, error: read.error });
         continue;
@@ -106,11 +106,11 @@ export async function updateIndex(store: ImageStore, model: Blip2ForImageTextRet
   return report;
 }
 
-async function readImage(file: string): Promise<{ stamp: { size: number; mtimeMs: number; sha256: string }; image: RgbImage } | { error: string }> {
+async function readImage(file: string, exifOrientation: boolean): Promise<{ stamp: { size: number; mtimeMs: number; sha256: string }; image: RgbImage } | { error: string }> {
   try {
     const stat = fs.statSync(file);
     const bytes = fs.readFileSync(file);
-    const image = await loadImage(bytes, file);
+    const image = await loadImage(bytes, file, { exifOrientation });
     return { stamp: { size: stat.size, mtimeMs: stat.mtimeMs, sha256: createHash("sha256").update(bytes).digest("hex") }, image };
   } catch (err) {
     return { error: describeError(err) };
