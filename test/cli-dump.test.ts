@@ -65,6 +65,20 @@ describe("blip2 dump", () => {
     expect(r.stderr).toMatch(/already exists/);
     expect(fs.readFileSync(out, "utf8")).toBe("user data");
   });
+
+  it("an --out in a missing folder is named as such, not by the temporary file written through", async () => {
+    const out = path.join(tmp, "no-such-folder", "x.safetensors");
+    const r = await cli("dump", "--model", fixture("tiny-blip2-opt"), "--image", fixture("image0.png"), "--out", out);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim()).toBe(`blip2: error: ${out}: no such folder ${path.dirname(out)}`);
+  });
+
+  it("a T5 prompt beyond the encoder's 2048 positions is refused before it runs", async () => {
+    const r = await cli("dump", "--model", fixture("tiny-blip2-t5"), "--image", fixture("image0.png"), "--prompt", "word ".repeat(1100), "--out", outFile("long-t5"));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/prompt too long: 22\d\d prompt tokens \(image tokens included\) exceed the 2048 positions blip2 gives T5's encoder/);
+    expect(fs.existsSync(outFile("long-t5"))).toBe(false);
+  });
 });
 
 /** Runs dump on a broken input; expects one line naming `file` and matching `problem`. */

@@ -3,8 +3,10 @@
  * named as transformers names them, for comparing ports layer by layer.
  */
 import fs from "node:fs";
+import path from "node:path";
 import type * as ort from "onnxruntime-node";
-import { Blip2Error } from "../../errors.js";
+import { Blip2Error, describeError } from "../../errors.js";
+import { checkPromptLength } from "../../generation/limits.js";
 import { Checkpoint } from "../../io/checkpoint.js";
 import { writeSafetensors, type TensorToWrite } from "../../io/safetensors.js";
 import { Blip2Processor } from "../../processor.js";
@@ -40,6 +42,7 @@ export const dump: Command = {
     const out = requiredOption(args, "dump", "out");
     if (args.positionals.length) throw new UsageError(`dump: unexpected argument ${JSON.stringify(args.positionals[0])}`);
     if (fs.existsSync(out) && !args.values.force) throw new Blip2Error(`${out}: already exists (use --force to overwrite)`);
+    if (!fs.statSync(path.dirname(path.resolve(out)), { throwIfNoEntry: false })?.isDirectory()) throw new Blip2Error(`${out}: no such folder ${path.dirname(out)}`);
     const decoderIds = parseIds(stringOption(args, "decoder-input-ids"));
     const imageBackend = stringOption(args, "image-backend");
     if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
@@ -59,13 +62,20 @@ export const dump: Command = {
       add("image_embeds", r.image_embeds!);
       await rt.release();
     } else {
+      // One pass over the prompt (and T5's decoder ids): the same limits as generating after it.
+      checkPromptLength(ckpt.config, inputs.inputIds[0]!.length, decoderIds ? decoderIds.length - 1 : 0);
       const rt = new Blip2Runtime(ckpt);
       const r = await rt.image(inputs.pixelValues!, 1);
       for (const k of ["vision_last_hidden_state", "vision_pooler_output", "qformer_last_hidden_state", "language_model_inputs"]) add(k, r[k]!);
       add("logits", await logits(rt, inputs.inputIds, inputs.attentionMask, r.language_model_inputs!, decoderIds));
       await rt.release();
     }
-    writeSafetensors(out, tensors, { producer: "blip2 dump" });
+    try {
+      writeSafetensors(out, tensors, { producer: "blip2 dump" });
+    } catch (err) {
+      // Named by the file asked for, not by the temporary file it is written through.
+      throw new Blip2Error(`${out}: cannot write it (${(err as NodeJS.ErrnoException).code ?? describeError(err)})`);
+    }
     io.stdout.write(`wrote ${Object.keys(tensors).length} tensors to ${out}\n`);
     return 0;
   },
