@@ -80,7 +80,8 @@ export async function requestImage(value: unknown, field: string, limits: ImageL
     throw new HttpError(413, "image_too_large", `${field}: ${size[0]}x${size[1]} = ${size[0] * size[1]} pixels, over this server's limit of ${limits.maxPixels} pixels`);
   }
   try {
-    const rgb = await loadImage(bytes, field);
+    // Turned upright by its EXIF orientation, as the CLI and Blip2.load do (transformers' load_image).
+    const rgb = await loadImage(bytes, field, { exifOrientation: true });
     return { ...rgb, channels: 3 };
   } catch (err) {
     if (err instanceof Blip2Error) throw new HttpError(400, "invalid_image", describeError(err));
