@@ -9,9 +9,9 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import sharp from "sharp";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { Blip2, Blip2Processor, pipeline } from "../src/index.js";
-import { cli, cliWithInput, fixture } from "./helpers.js";
+import { cli, cliWithInput, copyFixture, fixture } from "./helpers.js";
 
 const MAIN = path.join(path.dirname(fixture()), "..", "src", "cli", "main.ts");
 
@@ -303,6 +303,27 @@ describe("a phone photo stored sideways (EXIF orientation 6)", async () => {
     } finally {
       await blip2.dispose();
       await captioner.dispose();
+    }
+  });
+});
+
+describe("a checkpoint whose config asks for fewer layers than its weights hold", () => {
+  it("runs the config's layers and warns of the tensors it leaves unused", async () => {
+    const dir = copyFixture("tiny-blip2-opt");
+    const file = path.join(dir, "config.json");
+    const config = JSON.parse(fs.readFileSync(file, "utf8"));
+    config.text_config.num_hidden_layers = 1;
+    fs.writeFileSync(file, JSON.stringify(config));
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => undefined);
+    try {
+      const r = await cli("caption", "-m", dir, "--max-new-tokens", "3", fixture("image0.png"));
+      expect(r.code, r.stderr).toBe(0);
+      const warnings = warn.mock.calls.map((c) => String(c[0]));
+      expect(warnings.filter((w) => /not used/.test(w))).toEqual([
+        `blip2: warning: ${dir}: the weights hold 2 layers under language_model.model.decoder.layers but config.json's text_config.num_hidden_layers is 1: 16 tensors of layers 1..1 are not used`,
+      ]);
+    } finally {
+      warn.mockRestore();
     }
   });
 });

@@ -1,6 +1,7 @@
 /** Options and checkpoint loading shared by the model classes. */
 import { resolveModel, type HubOptions } from "../hub/download.js";
 import { Checkpoint } from "../io/checkpoint.js";
+import { warnUnusedLayers } from "../io/unusedLayers.js";
 import type { ProcessorLoadOptions } from "../processor.js";
 import { resolveDTypes, type DTypeSpec } from "../quantize/dtype.js";
 import { withDTypes, type QuantizeProgress } from "../quantize/quantize.js";
@@ -44,5 +45,6 @@ export function runtimeOptions(options: ModelLoadOptions): RuntimeOptions {
 
 export async function loadCheckpoint(src: string, options: ModelLoadOptions): Promise<Checkpoint> {
   const ckpt = Checkpoint.open(await resolveModel(src, options));
+  warnUnusedLayers(ckpt);
   return withDTypes(ckpt, resolveDTypes(options.dtype ?? (ckpt.converted ? ckpt.dtypes : undefined)), { cacheDir: options.blip2Cache, progress: options.conversionProgress });
 }

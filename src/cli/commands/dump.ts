@@ -8,6 +8,7 @@ import type * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../../errors.js";
 import { checkPromptLength } from "../../generation/limits.js";
 import { Checkpoint } from "../../io/checkpoint.js";
+import { warnUnusedLayers } from "../../io/unusedLayers.js";
 import { writeSafetensors, type TensorToWrite } from "../../io/safetensors.js";
 import { Blip2Processor } from "../../processor.js";
 import { Blip2Runtime } from "../../runtime/blip2Runtime.js";
@@ -47,6 +48,7 @@ export const dump: Command = {
     const imageBackend = stringOption(args, "image-backend");
     if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
     const ckpt = Checkpoint.open(modelDir);
+    warnUnusedLayers(ckpt);
     const processor = await Blip2Processor.fromDirectory(ckpt.dir, ckpt.config, { imageBackend });
     const inputs = await processor.process({ images: image, text: stringOption(args, "prompt") });
     const tensors: Record<string, TensorToWrite> = {
