@@ -11,6 +11,8 @@ import path from "node:path";
 import sharp from "sharp";
 import { describe, expect, it, vi } from "vitest";
 import { Blip2, Blip2Processor, pipeline } from "../src/index.js";
+import { Checkpoint } from "../src/io/checkpoint.js";
+import { withDTypes } from "../src/quantize/quantize.js";
 import { cli, cliWithInput, copyFixture, fixture } from "./helpers.js";
 
 const MAIN = path.join(path.dirname(fixture()), "..", "src", "cli", "main.ts");
@@ -325,5 +327,30 @@ describe("a checkpoint whose config asks for fewer layers than its weights hold"
     } finally {
       warn.mockRestore();
     }
+  });
+});
+
+describe("two processes converting the same checkpoint for the first time", () => {
+  it("the conversion that comes second leaves the first's file in place (the packed copies' key has its time)", async () => {
+    const ckpt = Checkpoint.open(fixture("tiny-blip2-opt"));
+    const q8 = { vision: "q8", qformer: "q8", language: "q8" } as const;
+    // The file another process writes: made beforehand in another cache, put in place while this
+    // process converts the same part (after it has seen none there).
+    const other = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-other-"));
+    await withDTypes(ckpt, q8, { cacheDir: other });
+    const theirs = (root: string) => fs.readdirSync(root, { recursive: true, encoding: "utf8" }).find((f) => f.endsWith("vision-q8.safetensors"))!;
+    const relative = theirs(other);
+    const cache = fs.mkdtempSync(path.join(os.tmpdir(), "blip2-race-"));
+    const converting = withDTypes(ckpt, q8, { cacheDir: cache });
+    const target = path.join(cache, relative);
+    fs.copyFileSync(path.join(other, relative), target);
+    const placed = fs.statSync(target);
+    const converted = await converting;
+    const after = fs.statSync(target);
+    expect([after.ino, after.mtimeMs]).toEqual([placed.ino, placed.mtimeMs]);
+    const visionQ8 = converted.names().find((n) => n.startsWith("vision_model.") && n.endsWith(".q8.weight"))!;
+    expect(path.resolve(converted.tensor(visionQ8).file)).toBe(path.resolve(target));
+    // Nothing of this process's own conversion is left behind.
+    expect(fs.readdirSync(path.dirname(target)).filter((f) => /\.tmp-\d+$/.test(f))).toEqual([]);
   });
 });

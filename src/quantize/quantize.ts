@@ -14,7 +14,7 @@ import { embedGraph, imageGraph, optDecoderGraph, t5CrossGraph, t5DecoderGraph, 
 import { itmGraph, retrievalImageGraph, retrievalTextGraph } from "../models/retrieval.js";
 import { zeroPointBytesPerRow } from "./blockQuant.js";
 import { QuantizePool } from "./pool.js";
-import { removeAbandonedFiles } from "../io/partialFile.js";
+import { partialFile, removeAbandonedFiles } from "../io/partialFile.js";
 import { blip2CacheDir, formatFolder, recordSource, weightCacheRoot } from "./weightCache.js";
 import { MODEL_PARTS, partOf, WEIGHTS_FORMAT, weightDType, type ModelPart, type PartDTypes, type WeightDType } from "../io/weightFormat.js";
 
@@ -116,12 +116,33 @@ export async function withDTypes(ckpt: Checkpoint, dtypes: PartDTypes, options: 
       fs.mkdirSync(folder, { recursive: true });
       removeAbandonedFiles(folder);
       weights ??= linearWeights(ckpt);
-      await writeVariants(file, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
+      const mine = partialFile(file);
+      await writeVariants(mine, ckpt, weights.byPart[part], dtype, (done, total) => options.progress?.({ part, dtype, done, total }));
+      placeUnlessThere(mine, file);
       recordSource(folder, ckpt.dir);
     }
     for (const [name, info] of readSafetensorsHeader(file).tensors) extra.set(name, info);
   }
   return ckpt.withWeights(extra, dtypes);
+}
+
+/**
+ * Moves a finished conversion into place, unless another process converting the same checkpoint
+ * has put its own there meanwhile: theirs then stays, so every process reads one file. Its size and
+ * time are part of the packed copies' key (runtime/packedModels.ts): a file replaced after the first
+ * process had packed its sessions left that process's copies superseded in the cache.
+ */
+function placeUnlessThere(mine: string, file: string): void {
+  try {
+    fs.linkSync(mine, file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    // A file system without hard links: the next best, a rename where nothing is yet.
+    if (code !== "EEXIST" && !fs.existsSync(file)) fs.renameSync(mine, file);
+    else if (code !== "EEXIST") throw err;
+  } finally {
+    fs.rmSync(mine, { force: true });
+  }
 }
 
 /** Converts `names` to `dtype` into a safetensors file, on worker threads, a few weights in memory at a time. */
