@@ -203,7 +203,7 @@ describe("dtype options", () => {
 
   it("the CLI reports a bad --dtype in one line", async () => {
     const r = await cli("caption", "-m", fixture("tiny-blip2-opt"), "--dtype", "q3", fixture("image0.png"));
-    expect(r.code).toBe(1);
+    expect(r.code).toBe(2); // a usage error, as every bad option value
     expect(r.stderr.trim().split("\n")).toHaveLength(1);
     expect(r.stderr).toMatch(/--dtype: expected one of/);
   });
