@@ -202,6 +202,9 @@ describe("blip2 index and search write only into blip2 indexes", () => {
     }
     expect(fs.readFileSync(empty, "utf8")).toBe("");
     expect(fs.readFileSync(text, "utf8")).toBe("my notes, not a database\n");
+    const folder = await cli("search", "--db", photos, "x");
+    expect(folder.code).toBe(1);
+    expect(folder.stderr.trim()).toBe(`blip2: error: ${photos}: not a blip2 index (not a file); give the index's file as --db`);
   });
 
   it("search opens an index read-only: the database is not changed by it", async () => {

@@ -158,6 +158,7 @@ const INDEX_TABLES: Record<string, string[]> = { meta: ["key", "value"], images:
 
 /** Refuses, without writing anything, an existing file that is not a blip2 index. */
 function checkIsIndex(file: string): void {
+  if (!fs.statSync(file).isFile()) throw new Blip2Error(`${file}: not a blip2 index (not a file); give the index's file as --db`);
   const head = Buffer.alloc(16);
   const fd = fs.openSync(file, "r");
   let read: number;
