@@ -70,7 +70,11 @@ export function backprop(g: Graph, seeds: [Value, Value][], wrt: Value[]): Map<V
     const custom = node.outputs.length === 1 ? customVjps.get(node.outputs[0]!) : undefined;
     if (custom) {
       // The custom rule replaces the nodes computing this value; its own inputs get its gradients.
-      for (const [input, grad] of custom.vjp(outGrads[0]!)) if (needs.has(input)) add(input, grad);
+      // It runs only where one of them needs one: a nested pass (MultiHeadAttention's rule) reaches
+      // values whose own inputs it was not asked about.
+      if (custom.inputs.some((x) => needs.has(x))) {
+        for (const [input, grad] of custom.vjp(outGrads[0]!)) if (needs.has(input)) add(input, grad);
+      }
       continue;
     }
     if (node.outputs.length === 1 && detached.has(node.outputs[0]!)) continue;
