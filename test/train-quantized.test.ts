@@ -97,6 +97,17 @@ describe("the input gradient of a quantized linear layer", () => {
     gradients(op.reduceSum(op.mul(frozen, trained), [0, 1], false), [trained]);
     expect(g.nodes.slice(before).map((n) => n.op)).not.toContain("DequantizeLinear");
   });
+
+  // As MultiHeadAttention's rule asks: the gradient of the layer's output itself, not of its input.
+  it("nor when only its output's gradient is asked for", () => {
+    const g = new Graph("output");
+    const x = g.input("x", "float32", [2, 8]);
+    const q = quantizeChannels(random(64, 9), 8, 8);
+    const y = linearInt8(x, g.constant(q.weight, "int8", [8, 8]), g.constant(q.scales, "float32", [8]), null);
+    const before = g.nodes.length;
+    gradients(op.reduceSum(op.mul(y, y), [0, 1], false), [y]);
+    expect(g.nodes.slice(before).map((n) => n.op)).not.toContain("DequantizeLinear");
+  });
 });
 
 const LM = (dtype: "q8" | "q4"): PartDTypes => ({ vision: "fp32", qformer: "fp32", language: dtype });
@@ -214,6 +225,46 @@ describe("memory of a training session with a quantized language model", () => {
     expect(floats(training).length).toBeLessThanOrEqual(frozen);
   });
 });
+
+describe("order of a training step with a quantized language model", () => {
+  it("dequantizes each weight for the backward only when its gradient is there, one at a time", async () => {
+    const f = fixture("stage2-opt-prompted");
+    const ckpt = await withDTypes(Checkpoint.open(path.join(fixtures, f.json.checkpoint_path as string)), LM("q4"), { cacheDir: cache });
+    const batch = { inputIds: f.json.input_ids as number[][], attentionMask: f.json.attention_mask as number[][], labels: f.json.labels as number[][] };
+    const { shape, feeds } = stage2Feeds(ckpt.config, batch);
+    const graph = stage2Graph(ckpt, shape);
+    const features = new Float32Array((graph.inputs.find((v) => v.name === "image_features")!.shape as number[]).reduce((a, b) => a * b, 1)).fill(0.5);
+    feeds.image_features = new ort.Tensor("float32", features, graph.inputs.find((v) => v.name === "image_features")!.shape as number[]);
+    for (const [n, v] of graph.trained) feeds[n] = new ort.Tensor("float32", readTensorF32(ckpt.tensor(n)), v.shape as number[]);
+    const kernels = await executionOrder(graph, disabledOptimizers({ foldConstants: false }), feeds);
+    const at = (types: string[]) => kernels.flatMap((k, i) => (types.includes(k) ? [i] : []));
+    const dequantized = at(["DequantizeLinear"]);
+    const forward = at(["MatMulNBits", "MatMulIntegerToFloat"]);
+    const products = at(["MatMul", "Gemm", "FusedMatMul"]);
+    // One per quantized layer of the language model, after the whole forward pass...
+    expect(dequantized.length).toBe(forward.length);
+    expect(Math.min(...dequantized)).toBeGreaterThan(Math.max(...forward));
+    // ...and each used by a product before the next one is made.
+    for (let i = 1; i < dequantized.length; i++) expect(products.some((p) => p > dequantized[i - 1]! && p < dequantized[i]!), `between dequantizations ${i - 1} and ${i}`).toBe(true);
+  });
+});
+
+/** The op types of the kernels one run of the graph executes, in order (from ONNX Runtime's profile). */
+async function executionOrder(graph: Graph, disabled: string, feeds: Record<string, ort.Tensor>): Promise<string[]> {
+  const dir = fs.mkdtempSync(path.join(cache, "profile-"));
+  const bytes = serializeGraph(graph, { externalLocation: (file) => path.relative("/", fs.realpathSync(file)) });
+  const s = await ort.InferenceSession.create(bytes, {
+    graphOptimizationLevel: "all",
+    enableProfiling: true,
+    profileFilePrefix: path.join(dir, "profile"),
+    logSeverityLevel: 3,
+    extra: { session: { model_external_initializers_file_folder_path: "/" }, optimization: { disable_specified_optimizers: disabled } },
+  });
+  await s.run(feeds);
+  await s.release();
+  const events = JSON.parse(fs.readFileSync(path.join(dir, fs.readdirSync(dir)[0]!), "utf8")) as { cat: string; name: string; ts: number; args: { op_name?: string } }[];
+  return events.filter((e) => e.cat === "Node" && e.name.endsWith("_kernel_time")).sort((a, b) => a.ts - b.ts).map((e) => e.args.op_name!);
+}
 
 /** The initializers of the graph as ONNX Runtime optimizes it for a session, with `disabled` optimizers left out. */
 async function initializersAfterOptimization(graph: Graph, disabled: string): Promise<{ name: string; dims: number[]; dataType: number }[]> {

@@ -86,8 +86,22 @@ export function linearInt8(x: Value, codes: Value, scales: Value, bias: Value | 
   // training does): d x = d y @ W with W the same 8-bit weight, dequantized to [K, N] = W^T for
   // this product only. Gemm reads it transposed in place; a MatMul by its transpose would let ONNX
   // Runtime move the transpose onto the codes and keep a second, transposed copy of every weight.
-  defineVjp(y, [x], (dy) => new Map([[x, op.linear(dy, op.dequantizeColumns(codes, scales), null)]]));
+  defineVjp(y, [x], (dy) => new Map([[x, op.linear(dy, op.dequantizeColumns(orderedAfter(codes, dy), scales), null)]]));
   return y;
+}
+
+/**
+ * `weight` as it is, but computed only once `dependency` is. ONNX Runtime may run a node whose
+ * inputs are all weights at any time before its result is used, and ran every layer's backward
+ * dequantization during the forward pass, so that all of them (a float copy of the model) were
+ * held until the backward reached them. Reshaping the weight to its own shape, given as an empty
+ * slice of `dependency`'s shape joined to the weight's, makes the dequantization wait for the
+ * gradient it multiplies. Training sessions do not fold constants (see runtime/session.ts), which
+ * would fold that shape.
+ */
+function orderedAfter(weight: Value, dependency: Value): Value {
+  const nothing = op.slice(op.shapeOf(dependency), [0], [0], [0]);
+  return op.reshapeTo(weight, op.concat([nothing, weight.graph.ints(weight.shape as number[])], 0), weight.shape);
 }
 
 /** A weight in MatMulNBits's 4-bit blocks (quantize/blockQuant.ts), as stored in the checkpoint. */
@@ -106,7 +120,7 @@ export interface NBitsWeight {
  */
 export function linearNBits(x: Value, w: NBitsWeight, bias: Value | null, o: { k: number; n: number; blockSize: number }): Value {
   const y = op.matMulNBits(x, w.weight, w.scales, w.zeroPoints, bias, { ...o, bits: 4, accuracyLevel: 4 });
-  defineVjp(y, [x], (dy) => new Map([[x, op.matmul(dy, dequantizeNBits(w, o))]]));
+  defineVjp(y, [x], (dy) => new Map([[x, op.matmul(dy, dequantizeNBits({ ...w, weight: orderedAfter(w.weight, dy) }, o))]]));
   return y;
 }
 
