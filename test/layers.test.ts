@@ -23,6 +23,7 @@ const LAYERS: { name: string; members: string[] }[] = [
   { name: "generation", members: ["generation/"] },
   { name: "train", members: ["train/", "world/"] },
   { name: "api", members: ["api/", "index.ts"] },
+  { name: "shapes", members: ["shapes/"] },
   { name: "search", members: ["search/"] },
   { name: "serve", members: ["serve/"] },
   { name: "cli", members: ["cli/"] },

@@ -14,6 +14,7 @@
 import { createHash, type Hash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
+import { builtInModel } from "./builtin.js";
 import { Blip2Error, describeError } from "../errors.js";
 import {
   blobPath,
@@ -72,6 +73,8 @@ export async function resolveModel(src: string, options: HubOptions = {}): Promi
   }
   if (stat?.isDirectory()) return path.resolve(src);
   if (stat) throw new Blip2Error(`${src}: is a file, not a model folder (a folder with config.json) or a Hub model id`);
+  const builtIn = builtInModel(src);
+  if (builtIn) return builtIn;
   if (!isRepoId(src)) throw new Blip2Error(`${JSON.stringify(src)} is neither a folder nor a Hub model id (like Salesforce/blip2-opt-2.7b)`);
 
   const settings = hubSettings(options);
