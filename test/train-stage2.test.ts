@@ -3,31 +3,17 @@
  * without a prompt: the loss within 1e-5 relative, every trained tensor's gradient within 1e-4 of
  * the reference relative to that tensor's largest value.
  */
-import path from "node:path";
 import * as ort from "onnxruntime-node";
 import { describe, expect, it } from "vitest";
-import { Checkpoint } from "../src/io/checkpoint.js";
 import { readTensorF32 } from "../src/io/safetensors.js";
 import { CompiledGraph } from "../src/runtime/session.js";
-import { imageFeaturesGraph, stage2Feeds, stage2Graph } from "../src/train/stage2.js";
-import { expectClose, fixture } from "./trainFixtures.js";
-
-const fixtures = path.join(import.meta.dirname, "fixtures");
+import { stage2Feeds, stage2Graph } from "../src/train/stage2.js";
+import { expectClose, stage2Reference } from "./trainFixtures.js";
 
 describe("stage 2 (language modelling through the frozen LM) against PyTorch", () => {
   for (const name of ["stage2-opt-caption", "stage2-opt-prompted", "stage2-t5-caption", "stage2-t5-prompted"]) {
     it(name, async () => {
-      const f = fixture(name);
-      const ckpt = Checkpoint.open(path.join(fixtures, f.json.checkpoint_path as string));
-      const pixels = f.get("pixel_values");
-      const vision = await CompiledGraph.create(imageFeaturesGraph(ckpt), { worker: false });
-      const features = (await vision.run({ pixel_values: new ort.Tensor("float32", pixels.data, pixels.shape) })).image_features!;
-      const batch = {
-        inputIds: f.json.input_ids as number[][],
-        attentionMask: f.json.attention_mask as number[][],
-        labels: f.json.labels as number[][],
-        decoderAttentionMask: f.json.decoder_attention_mask as number[][] | undefined,
-      };
+      const { f, ckpt, features, batch } = await stage2Reference(name);
       const { shape, feeds } = stage2Feeds(ckpt.config, batch);
       const graph = stage2Graph(ckpt, shape);
       const s = await CompiledGraph.create(graph, { worker: false });
@@ -39,7 +25,6 @@ describe("stage 2 (language modelling through the frozen LM) against PyTorch", (
       expect([...graph.trained.keys()].sort()).toEqual([...trainable].sort());
       for (const n of trainable) expectClose(`grad.${n}`, out[`grad.${n}`]!.data as Float32Array, f.get(`grad.${n}`).data, 1e-4);
       await s.release();
-      await vision.release();
     });
   }
 });

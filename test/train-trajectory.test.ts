@@ -18,13 +18,10 @@ import * as ort from "onnxruntime-node";
 import { describe, expect, it } from "vitest";
 import { Checkpoint } from "../src/io/checkpoint.js";
 import { readTensorF32 } from "../src/io/safetensors.js";
-import { CompiledGraph } from "../src/runtime/session.js";
 import { AdamW } from "../src/train/optimizer.js";
-import { imageFeaturesGraph } from "../src/train/stage2.js";
 import { Stage1Step, Stage2Step, type StepOutput } from "../src/train/steps.js";
-import { dir, expectClose, fixture } from "./trainFixtures.js";
+import { dir, expectClose, fixture, stage2Reference } from "./trainFixtures.js";
 
-const fixtures = path.join(dir, "..");
 
 const zeroGradient = (name: string) => /attention\.key\.bias$/.test(name);
 
@@ -79,22 +76,11 @@ describe("three AdamW steps against PyTorch", () => {
 
   for (const name of ["stage2-opt-prompted", "stage2-t5-prompted"]) {
     it(name, async () => {
-      const f = fixture(name);
-      const ckpt = Checkpoint.open(path.join(fixtures, f.json.checkpoint_path as string));
-      const pixels = f.get("pixel_values");
-      const vision = await CompiledGraph.create(imageFeaturesGraph(ckpt), { worker: false });
-      const features = (await vision.run({ pixel_values: new ort.Tensor("float32", pixels.data, pixels.shape) })).image_features!;
+      const { f, ckpt, features, batch } = await stage2Reference(name);
       const step = new Stage2Step(ckpt);
-      const batch = {
-        inputIds: f.json.input_ids as number[][],
-        attentionMask: f.json.attention_mask as number[][],
-        labels: f.json.labels as number[][],
-        decoderAttentionMask: f.json.decoder_attention_mask as number[][] | undefined,
-      };
       const trajectory = await threeSteps(ckpt, f, f.json.trainable as string[], (params) => step.run(batch, features, params));
       (f.json.trajectory as number[]).forEach((loss, i) => close(trajectory[i]!.loss!, loss, `step ${i}`));
       await step.release();
-      await vision.release();
     });
   }
 });

@@ -2,7 +2,11 @@
 import fs from "node:fs";
 import path from "node:path";
 import { expect } from "vitest";
+import * as ort from "onnxruntime-node";
+import { Checkpoint } from "../src/io/checkpoint.js";
 import { readSafetensorsHeader, readTensorF32 } from "../src/io/safetensors.js";
+import { CompiledGraph } from "../src/runtime/session.js";
+import { imageFeaturesGraph, type Stage2Batch } from "../src/train/stage2.js";
 
 export const dir = path.join(import.meta.dirname, "fixtures/train");
 
@@ -30,3 +34,23 @@ export function expectClose(name: string, actual: Float32Array, expected: Float3
   expect(worst, `${name}: worst error relative to its largest value`).toBeLessThanOrEqual(tol);
 }
 
+
+/**
+ * A stage-2 reference: its checkpoint (`checkpoint_path`, relative to test/fixtures), the frozen
+ * image encoder's features of its pixel values, and its batch as token ids.
+ */
+export async function stage2Reference(name: string) {
+  const f = fixture(name);
+  const ckpt = Checkpoint.open(path.join(dir, "..", f.json.checkpoint_path as string));
+  const pixels = f.get("pixel_values");
+  const vision = await CompiledGraph.create(imageFeaturesGraph(ckpt), { worker: false });
+  const features = (await vision.run({ pixel_values: new ort.Tensor("float32", pixels.data, pixels.shape) })).image_features!;
+  await vision.release();
+  const batch: Stage2Batch = {
+    inputIds: f.json.input_ids as number[][],
+    attentionMask: f.json.attention_mask as number[][],
+    labels: f.json.labels as number[][],
+    decoderAttentionMask: f.json.decoder_attention_mask as number[][] | undefined,
+  };
+  return { f, ckpt, features, batch };
+}
