@@ -9,6 +9,7 @@
  * kernel times summed by operator type and split into forward and backward.
  */
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import * as ort from "onnxruntime-node";
@@ -17,7 +18,7 @@ import { readTensorF32 } from "../src/io/safetensors.js";
 import type { Graph } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import { withDTypes } from "../src/quantize/quantize.js";
-import { CompiledGraph, disabledOptimizers, type RuntimeOptions } from "../src/runtime/session.js";
+import { CompiledGraph, disabledOptimizers, prepacks, type RuntimeOptions } from "../src/runtime/session.js";
 import { AdamW } from "../src/train/optimizer.js";
 import { Rng } from "../src/train/rng.js";
 import { stage1Trained } from "../src/train/stage1.js";
@@ -167,7 +168,9 @@ async function profileAll(outDir: string) {
 }
 
 async function profileGraph(graph: Graph, feeds: Record<string, ort.Tensor>, outDir: string) {
-  const folder = path.dirname(fs.realpathSync(ckpt.tensor(trained[0]!).file));
+  // External data is found relative to a folder that holds every weight file (the checkpoint's and the converted ones).
+  const files = [...new Set(graph.initializers.flatMap((i) => (i.kind === "external" ? [fs.realpathSync(i.file)] : [])))];
+  const folder = files.length ? commonFolder(files) : os.tmpdir();
   const bytes = serializeGraph(graph, { externalLocation: (file) => path.relative(folder, fs.realpathSync(file)) });
   const session = await ort.InferenceSession.create(bytes, {
     executionProviders: ["cpu"],
@@ -177,7 +180,7 @@ async function profileGraph(graph: Graph, feeds: Record<string, ort.Tensor>, out
     interOpNumThreads: 1,
     enableProfiling: true,
     profileFilePrefix: path.join(outDir, graph.name),
-    extra: { session: { model_external_initializers_file_folder_path: folder, disable_prepacking: "1" }, optimization: { disable_specified_optimizers: disabledOptimizers({ foldConstants: false }) } },
+    extra: { session: { model_external_initializers_file_folder_path: folder, disable_prepacking: prepacks(graph) ? "0" : "1" }, optimization: { disable_specified_optimizers: disabledOptimizers({ foldConstants: false }) } },
   });
   await session.run(feeds); // warm-up: the arena's first allocations
   const start = performance.now();
@@ -202,4 +205,12 @@ async function profileGraph(graph: Graph, feeds: Record<string, ort.Tensor>, out
   }
   const kernelS = kernels.reduce((s, e) => s + e.dur / 1e6, 0);
   return { wallS: wall, modelRunS: lastRun.dur / 1e6, kernelS, nodes: graph.nodes.length, byOp };
+}
+
+/** The deepest folder that holds every one of `files`. */
+function commonFolder(files: string[]): string {
+  const split = files.map((f) => path.dirname(f).split(path.sep));
+  let depth = 0;
+  while (split.every((parts) => depth < parts.length && parts[depth] === split[0]![depth])) depth++;
+  return split[0]!.slice(0, depth).join(path.sep) || path.sep;
 }

@@ -12,7 +12,7 @@
  * bench/results/<date>-<machine>.jsonl.
  *
  * npm run bench:train [-- --stages 1,2 --dtypes fp32,q8,q4 --threads 2 --steps 3 --repeats 2 --profile --no-arena]
- * (--profile: stage 1's kernel times by operator under ONNX Runtime's profiler, forward and backward;
+ * (--profile: each configuration's kernel times by operator under ONNX Runtime's profiler, forward and backward;
  * --no-arena: training sessions without ONNX Runtime's memory arena)
  */
 import { spawn } from "node:child_process";
@@ -104,7 +104,7 @@ for (const stage of stages) {
   for (const dtype of stage === 1 ? ["fp32"] : dtypes) {
     const config: Config = { stage: stage as 1 | 2, dtype, runs: [] };
     for (let r = 0; r < repeats; r++) {
-      const profile = values.profile && stage === 1 && r === repeats - 1 ? ["--profile", profileDir] : [];
+      const profile = values.profile && r === repeats - 1 ? ["--profile", profileDir] : [];
       try {
         const arena = values["no-arena"] ? ["--no-arena"] : [];
         config.runs.push(await runWorker(["--dir", dir, "--stage", String(stage), "--dtype", dtype, "--threads", threads, "--steps", steps, ...profile, ...arena]));
