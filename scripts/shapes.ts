@@ -18,7 +18,7 @@ const work = values.work ?? path.join(root, "shapes-work");
 const quick = values.quick ? { trainImages: 512, evalImages: 40, steps: { vision: 150, text: 300, stage1: 150, stage2: 200 }, curvePoints: 2, curveImages: 20 } : {};
 const started = Date.now();
 const results = await runShapesPipeline({ work, threads: values.threads ? Number(values.threads) : undefined, ...quick, log: (line) => console.log(`[${((Date.now() - started) / 1000).toFixed(0)} s] ${line}`) });
-const command = `npm run shapes --${values.quick ? " --quick" : ""}`;
+const command = `npm run shapes${values.quick ? " -- --quick" : ""}`;
 writeReport(results, values.docs ?? path.join(root, "docs"), command);
 if (values.ship) {
   const mb = (b: number) => `${(b / 1e6).toFixed(1)} MB`;
