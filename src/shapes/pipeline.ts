@@ -132,7 +132,9 @@ export async function runShapesPipeline(options: ShapesPipelineOptions): Promise
   await stage("text", async () => {
     fs.rmSync(at("opt"), { recursive: true, force: true });
     const track = lossTrack("text");
-    await pretrainText({ model: at("fresh-opt"), out: at("opt"), steps: s.steps.text, runtime, onStep: (i) => track(i.loss) });
+    // Random tokens before BOS: in stage 2 the visual prompts sit there, and an LM that only ever
+    // read text from position 0 ignored them (the captions stayed one caption for every image).
+    await pretrainText({ model: at("fresh-opt"), out: at("opt"), steps: s.steps.text, prefixTokens: 8, length: 56, runtime, onStep: (i) => track(i.loss) });
   });
 
   const trainData = at("data/train/captions.jsonl");

@@ -53,6 +53,11 @@ export interface PretrainTextOptions {
   evalScenes?: number;
   /** Index in the train split of the first scene (default 0). */
   firstScene?: number;
+  /**
+   * Up to this many random tokens before BOS in each training sequence (not targets), so the model
+   * learns to read text that does not start at position 0: stage 2 puts its visual prompts there.
+   */
+  prefixTokens?: number;
   runtime?: RuntimeOptions;
   onStep?: (info: PretrainStep) => void;
 }
@@ -117,14 +122,17 @@ function textPretrainGraph(ckpt: Checkpoint, cfg: OptConfig, batch: number, leng
 }
 
 /** Token ids of a batch of texts, right-padded to `length`, with their shifted targets. */
-function textBatch(tokenizer: Blip2Tokenizer, texts: string[], length: number): Record<string, ort.Tensor> {
+function textBatch(tokenizer: Blip2Tokenizer, texts: string[], length: number, prefix?: { rng: Rng; most: number }): Record<string, ort.Tensor> {
   const pad = tokenizer.padTokenId ?? 1;
-  const rows = texts.map((t) => tokenizer.encode(t));
+  // Random tokens before BOS (not targets): stage 2 puts the visual prompts there.
+  const noise = (): number[] => (prefix ? Array.from({ length: prefix.rng.int(prefix.most + 1) }, () => 4 + prefix.rng.int(tokenizer.vocabSize - 4)) : []);
+  const prefixes = texts.map(() => noise());
+  const rows = texts.map((t, i) => [...prefixes[i]!, ...tokenizer.encode(t)]);
   const long = rows.find((r) => r.length > length);
   if (long) throw new Blip2Error(`text pretraining: a sequence has ${long.length} tokens, more than the length ${length}; give a larger length`);
   const ids = rows.map((r) => [...r, ...new Array<number>(length - r.length).fill(pad)]);
   const mask = rows.map((r) => Array.from({ length }, (_, j) => (j < r.length ? 1 : 0)));
-  const labels = ids.map((r, i) => r.map((id, j) => (mask[i]![j] ? id : -100)));
+  const labels = ids.map((r, i) => r.map((id, j) => (mask[i]![j] && j >= prefixes[i]!.length ? id : -100)));
   const shifted = shiftedTargets(labels);
   const int64 = (m: number[][]) => new ort.Tensor("int64", BigInt64Array.from(m.flat().map(BigInt)), [m.length, length]);
   return {
@@ -159,7 +167,7 @@ export async function pretrainText(options: PretrainTextOptions): Promise<Pretra
     for (let step = 0; step < o.steps; step++) {
       const first = o.firstScene + step * o.batchSize;
       const texts = Array.from({ length: o.batchSize }, (_, i) => textOfScene("train", first + i, rng).text);
-      const r = await training.step(textBatch(tokenizer, texts, o.length));
+      const r = await training.step(textBatch(tokenizer, texts, o.length, o.prefixTokens ? { rng, most: o.prefixTokens } : undefined));
       lastLoss = r.loss;
       o.onStep?.({ step: step + 1, totalSteps: o.steps, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, elapsed: (Date.now() - started) / 1000 });
     }
