@@ -92,8 +92,7 @@ export function modelLoadOptions(args: ParsedArgs, io: Io): ModelLoadOptions & {
   const progress = progressSink(io.stderr, args.values.quiet === true);
   const device = stringOption(args, "device");
   if (device !== undefined && !isDevice(device)) throw new UsageError(`invalid value for --device: expected cpu, webgpu or cuda, got ${JSON.stringify(device)}`);
-  const imageBackend = stringOption(args, "image-backend");
-  if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
+  const imageBackend = imageBackendOption(args);
   return {
     dtype: dtypeOption(args),
     conversionProgress: (p) => progress.items(`converting ${p.part} weights to ${p.dtype}`, p.done, p.total),
@@ -145,4 +144,11 @@ export async function loadModel(args: ParsedArgs, io: Io, generation: Generation
     throw err;
   }
   return { blip2, progress: options.progressSink };
+}
+
+/** --image-backend: torchvision (transformers 5's resizing) or pil (transformers 4's). */
+export function imageBackendOption(args: ParsedArgs): "torchvision" | "pil" | undefined {
+  const v = stringOption(args, "image-backend");
+  if (v !== undefined && v !== "torchvision" && v !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(v)}`);
+  return v;
 }

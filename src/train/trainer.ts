@@ -20,7 +20,7 @@ import { openTrainingOutput, saveCheckpoint, type TensorValue, type TrainerState
 import { Batches, loadExamples, type Example } from "./data.js";
 import { stage1Extras, type Stage1Extras } from "./extras.js";
 import { ImageFeatures } from "./features.js";
-import { AdamW, clipByGlobalNorm, GradAccumulator, type AdamWState } from "./optimizer.js";
+import { AdamW, clipByGlobalNorm, globalNorm, GradAccumulator, type AdamWState } from "./optimizer.js";
 import { Rng, type RngState } from "./rng.js";
 import { LAVIS_STAGE1, LAVIS_STAGE2, lrAt, type LrSchedule } from "./schedule.js";
 import { stage1Trained } from "./stage1.js";
@@ -258,7 +258,7 @@ export class Trainer {
         accumulator.add(out.grads);
       }
       const grads = accumulator.mean();
-      const gradNorm = o.clipGradNorm ? clipByGlobalNorm(grads, o.clipGradNorm) : globalNormOf(grads);
+      const gradNorm = o.clipGradNorm ? clipByGlobalNorm(grads, o.clipGradNorm) : globalNorm(grads);
       const lr = lrAt(this.stepsDone, this.schedule);
       this.optimizer.step(grads, lr);
       this.stepsDone += 1;
@@ -345,12 +345,6 @@ export class Trainer {
   async release(): Promise<void> {
     await Promise.all([this.step1?.release(), this.step2?.release(), this.features.release()]);
   }
-}
-
-function globalNormOf(grads: Map<string, Float32Array>): number {
-  let sum = 0;
-  for (const g of grads.values()) for (let i = 0; i < g.length; i++) sum += g[i]! * g[i]!;
-  return Math.sqrt(sum);
 }
 
 function checkPositive(what: string, v: number): void {

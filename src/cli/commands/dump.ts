@@ -13,6 +13,7 @@ import { writeSafetensors, type TensorToWrite } from "../../io/safetensors.js";
 import { Blip2Processor } from "../../processor.js";
 import { Blip2Runtime } from "../../runtime/blip2Runtime.js";
 import { RetrievalRuntime } from "../../runtime/retrievalRuntime.js";
+import { imageBackendOption } from "../shared.js";
 import { requiredOption, stringOption, UsageError, type Command } from "../command.js";
 
 export const dump: Command = {
@@ -45,8 +46,7 @@ export const dump: Command = {
     if (fs.existsSync(out) && !args.values.force) throw new Blip2Error(`${out}: already exists (use --force to overwrite)`);
     if (!fs.statSync(path.dirname(path.resolve(out)), { throwIfNoEntry: false })?.isDirectory()) throw new Blip2Error(`${out}: no such folder ${path.dirname(out)}`);
     const decoderIds = parseIds(stringOption(args, "decoder-input-ids"));
-    const imageBackend = stringOption(args, "image-backend");
-    if (imageBackend !== undefined && imageBackend !== "torchvision" && imageBackend !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(imageBackend)}`);
+    const imageBackend = imageBackendOption(args);
     const ckpt = Checkpoint.open(modelDir);
     warnUnusedLayers(ckpt);
     const processor = await Blip2Processor.fromDirectory(ckpt.dir, ckpt.config, { imageBackend });

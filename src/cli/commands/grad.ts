@@ -8,7 +8,8 @@ import { Blip2Error } from "../../errors.js";
 import { writeSafetensors, type TensorToWrite } from "../../io/safetensors.js";
 import { batchGradients, type GradBatch } from "../../train/grad.js";
 import { requiredOption, UsageError, type Command } from "../command.js";
-import { dtypeOption, imageBackendOption, stageOption } from "./train.js";
+import { imageBackendOption } from "../shared.js";
+import { dtypeOption, stageOption } from "./train.js";
 
 export const grad: Command = {
   name: "grad",

@@ -5,6 +5,7 @@
 import { parseDTypeSpec } from "../../quantize/dtype.js";
 import type { WeightDType } from "../../io/weightFormat.js";
 import { train, type StepInfo } from "../../train/trainer.js";
+import { imageBackendOption } from "../shared.js";
 import { intOption, numberOption, requiredOption, stringOption, UsageError, type Command, type Io, type ParsedArgs } from "../command.js";
 
 export const trainCommand: Command = {
@@ -131,12 +132,6 @@ export function stageOption(args: ParsedArgs, command: string): 1 | 2 {
   const v = requiredOption(args, command, "stage");
   if (v !== "1" && v !== "2") throw new UsageError(`invalid value for --stage: expected 1 or 2, got ${JSON.stringify(v)}`);
   return Number(v) as 1 | 2;
-}
-
-export function imageBackendOption(args: ParsedArgs): "torchvision" | "pil" | undefined {
-  const v = stringOption(args, "image-backend");
-  if (v !== undefined && v !== "torchvision" && v !== "pil") throw new UsageError(`invalid value for --image-backend: expected torchvision or pil, got ${JSON.stringify(v)}`);
-  return v;
 }
 
 /** --dtype for the frozen parts: one precision. */
