@@ -8,6 +8,7 @@ import { generateIds, type GenerateInputs } from "../generation/generate.js";
 import { generationDefaults, resolveGeneration, type GenerationOptions } from "../generation/options.js";
 import { checkPromptLength } from "../generation/limits.js";
 import type { ResolvedGeneration } from "../generation/options.js";
+import { RollingBatch } from "../generation/rolling.js";
 import type { SearchResult } from "../generation/search.js";
 import type { Checkpoint } from "../io/checkpoint.js";
 import { Blip2Runtime } from "../runtime/blip2Runtime.js";
@@ -108,6 +109,14 @@ export class Blip2ForConditionalGeneration {
         if (!(stop.signal.aborted && err === stop.signal.reason)) throw err;
       });
     }
+  }
+
+  /**
+   * A decoding batch that requests join and leave between its steps (greedy search, OPT): see
+   * generation/rolling.ts. The server decodes concurrent requests with it.
+   */
+  rollingBatch(): RollingBatch {
+    return new RollingBatch(this.runtime);
   }
 
   /** The image's projected queries [B, Q, D], to reuse across several prompts about the same image. */

@@ -155,6 +155,45 @@ export class KvCache {
   }
 
   /**
+   * A cache of `capacity` slots, `length` of them filled, whose rows are rows of other caches
+   * (continuous batching: a request's row joins a running batch, or the batch drops the rows that
+   * ended). Each row's filled slots move by its `shift`: its keys stay in order, and slots it masks
+   * may be left out at either end (the left padding a shorter row no longer needs). OPT counts
+   * positions from the mask, so masked slots placed before a row change none of its positions.
+   */
+  static composed(rows: RowPlacement[], capacity: number, length: number, allocate?: Allocate): KvCache {
+    const first = rows[0]?.cache.shape;
+    if (!first) throw new Blip2Error("internal: a key/value cache needs at least one row");
+    if (length > capacity) throw new Blip2Error(`internal: ${length} filled slots in a cache of ${capacity}`);
+    const { layers, heads, headDim } = first;
+    const out = new KvCache({ layers, rows: rows.length, heads, capacity, headDim }, allocate);
+    rows.forEach(({ cache, row, shift }, i) => {
+      const s = cache.shape;
+      if (s.layers !== layers || s.heads !== heads || s.headDim !== headDim || row >= s.rows) throw new Blip2Error(`internal: row ${row} of a cache shaped ${JSON.stringify(s)} in one shaped ${JSON.stringify(first)}`);
+      if (Object.keys(cache.cross).length) throw new Blip2Error("internal: rows of a cache with cross-attention inputs cannot move to another");
+      // Slots [from, to) of the source row land at [from + shift, to + shift), within [0, length).
+      const from = Math.max(0, -shift);
+      const to = Math.max(from, Math.min(cache.length, length - shift));
+      const mask = cache.slotMask.subarray(row * s.capacity, row * s.capacity + cache.length);
+      if (mask.subarray(0, from).some(Boolean) || mask.subarray(to).some(Boolean)) {
+        throw new Blip2Error(`internal: moving row ${row} by ${shift} slots into ${length} would drop keys it attends to`);
+      }
+      if (to === from) return;
+      for (const [name, t] of Object.entries(out.tensors)) {
+        const src = cache.tensors[name]!.data as Float32Array;
+        const dst = t.data as Float32Array;
+        for (let h = 0; h < heads; h++) {
+          const at = (row * heads + h) * s.capacity;
+          dst.set(src.subarray((at + from) * headDim, (at + to) * headDim), ((i * heads + h) * capacity + from + shift) * headDim);
+        }
+      }
+      out.slotMask.set(mask.subarray(from, to), i * capacity + from + shift);
+    });
+    out.length = length;
+    return out;
+  }
+
+  /**
    * Copies the first `keep` slots of every head of every tensor (span k of the block: the tensors
    * lie one after another) to where `to`, the memory of a cache of `capacity` slots, has them. In
    * this cache's own block they move in the order that reads each span before anything is written
@@ -212,6 +251,13 @@ export class KvCache {
 }
 
 const SCRATCH = -1;
+
+/** Row `row` of `cache`, as a row of a composed cache: its slots `shift` later (see KvCache.composed). */
+export interface RowPlacement {
+  cache: KvCache;
+  row: number;
+  shift: number;
+}
 
 /** One row copy of a reorder: into row `to`, or into the scratch buffer (SCRATCH); from row `from`, or from the scratch's row `scratch`. */
 interface RowCopy {

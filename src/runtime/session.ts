@@ -66,6 +66,7 @@ interface Host {
   newCache(id: number, shape: CacheShape): Promise<void>;
   resizeCache(id: number, capacity: number, keep: number): Promise<void>;
   reorderCache(id: number, index: number[], shared: number): Promise<void>;
+  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
 
@@ -91,6 +92,9 @@ class LocalHost implements Host {
   }
   async reorderCache(id: number, index: number[], shared: number) {
     this.host.reorderCache(id, index, shared);
+  }
+  async composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number) {
+    this.host.composeCache(id, rows, capacity, length);
   }
   async dropCache(id: number) {
     this.host.dropCache(id);
@@ -160,6 +164,9 @@ class WorkerHost implements Host {
   }
   reorderCache(id: number, index: number[], shared: number) {
     return this.call<void>({ op: "reorderCache", id, index, shared });
+  }
+  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number) {
+    return this.call<void>({ op: "composeCache", id, rows, capacity, length });
   }
   dropCache(id: number) {
     return this.call<void>({ op: "dropCache", id });
@@ -341,6 +348,21 @@ export class CacheHandle {
 
   drop(): Promise<void> {
     return this.host.dropCache(this.id);
+  }
+
+  /**
+   * A new cache of `capacity` slots, `length` filled, whose rows are rows of these caches, each
+   * moved by its `shift` (see KvCache.composed): continuous batching's rows joining and leaving.
+   * The caches it is made of stay as they are, for the caller to drop.
+   */
+  static async compose(rows: { cache: CacheHandle; row: number; shift: number }[], capacity: number, length: number): Promise<CacheHandle> {
+    const host = rows[0]?.cache.host;
+    if (!host || rows.some((r) => r.cache.host !== host)) throw new Blip2Error("internal: a cache is composed of rows of caches of one host");
+    const id = ++nextId;
+    await host.composeCache(id, rows.map((r) => ({ cache: r.cache.id, row: r.row, shift: r.shift })), capacity, length);
+    const out = new CacheHandle(host, id, capacity);
+    out.length = length;
+    return out;
   }
 }
 

@@ -73,6 +73,12 @@ export class SessionHost {
     if (resized.memory.buffer !== old.memory.buffer) this.cacheMemory.release(old.memory);
   }
 
+  /** A new cache `id` made of rows of others (see KvCache.composed); they stay as they are. */
+  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number): void {
+    const placed = rows.map((r) => ({ cache: this.cache(r.cache), row: r.row, shift: r.shift }));
+    this.caches.set(id, KvCache.composed(placed, capacity, length, this.cacheMemory.allocate));
+  }
+
   reorderCache(id: number, index: number[], shared: number): void {
     this.cache(id).reorder(index, shared);
   }

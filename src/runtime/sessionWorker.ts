@@ -36,6 +36,9 @@ parentPort!.on("message", async (m) => {
         // within its block, or the old block went back to the host's CacheMemory).
         collectGarbage();
         break;
+      case "composeCache":
+        host.composeCache(m.id, m.rows, m.capacity, m.length);
+        break;
       case "reorderCache":
         host.reorderCache(m.id, m.index, m.shared);
         break;
