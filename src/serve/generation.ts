@@ -1,12 +1,17 @@
 /**
- * Generations as the server runs them: a batch of (image, prompt) rows decoded together with the
- * same options, each row's text streamed as it grows and cut at its stop strings. A row's result
- * is what `Blip2.captionAll` gives for it (same ids, same words), so the server answers as the CLI.
+ * Generations as the server runs them: greedy OPT generations as rows of a running batch that
+ * requests join and leave between steps (generation/rolling.ts), others (sampling, beams, T5) as a
+ * batch of (image, prompt) rows decoded together with the same options. Each row's text is
+ * streamed as it grows and cut at its stop strings. A row's result is what `Blip2.captionAll`
+ * gives for it (same ids, same words), so the server answers as the CLI.
  */
+import type * as ort from "onnxruntime-node";
 import type { Blip2 } from "../api/tasks.js";
 import type { GenerationOptions } from "../generation/options.js";
+import type { RollingBatch, RollingResult } from "../generation/rolling.js";
 import type { RawImage } from "../image/decode.js";
-import type { BatchRunner } from "./scheduler.js";
+import { tensor } from "../runtime/session.js";
+import { wholeBatches, type BatchRunner, type Batching, type RunningBatch } from "./scheduler.js";
 
 export interface GenItem {
   image: RawImage;
@@ -17,6 +22,14 @@ export interface GenItem {
   onText?: (delta: string) => void;
   /** The answer ends before the first of these it contains. */
   stop?: string[];
+  /** Its prompt's ids and image's projected queries, started as it is queued (see `prepare`). */
+  prepared?: Promise<Prepared>;
+}
+
+/** A request's prompt ids (alone, unpadded) and its image's projected queries [1, Q, D]. */
+export interface Prepared {
+  inputIds: number[];
+  features: ort.Tensor;
 }
 
 export interface GenResult {
@@ -27,21 +40,106 @@ export interface GenResult {
   finishReason: "stop" | "length";
   promptTokens: number;
   completionTokens: number;
-  /** Rows decoded together, this one included. */
+  /** Rows decoded together, this one included (the most while it ran). */
   batchSize: number;
   runMs: number;
 }
 
+/** The batch key of greedy OPT generations: one running batch takes them all, each row with its own options. */
+const ROLLING = "rolling";
+
 /**
  * The key under which generations may share a batch, or null when one must run alone: sampling
- * (a seeded sample must not depend on its neighbours), and, where the repetition rules look at the
- * whole sequence, prompts of another length (the left padding would be part of what they see).
+ * (a seeded sample must not depend on its neighbours). Greedy OPT generations join one running
+ * batch whatever their options (each row keeps its own); beam search and T5 batch with the same
+ * options, and where the repetition rules look at the whole sequence, prompts of the same length
+ * (the left padding would be part of what they see).
  */
 export function batchKey(blip2: Blip2, options: GenerationOptions, promptTokens: number): string | null {
   const g = blip2.model.generationConfig(options);
   if (g.doSample || g.numReturnSequences !== 1) return null;
+  if (blip2.model.config.text.modelType === "opt" && g.numBeams === 1) return ROLLING;
   const lengthMatters = g.repetitionPenalty !== 1 || g.noRepeatNgramSize > 0;
   return JSON.stringify({ ...g, seed: 0, promptTokens: lengthMatters ? promptTokens : undefined });
+}
+
+/**
+ * Starts a request's work that need not wait for its turn: its prompt's ids, and its image through
+ * the vision encoder (which runs in a worker of its own, beside the batch's decoding). Once only.
+ */
+export function prepare(blip2: Blip2, item: GenItem): Promise<Prepared> {
+  if (!item.prepared) {
+    item.prepared = (async () => {
+      const inputIds = blip2.processor.tokenize([item.prompt]).inputIds[0]!;
+      const { pixelValues } = await blip2.processor.imageProcessor.preprocess([item.image]);
+      return { inputIds, features: await blip2.model.imageFeatures(pixelValues, 1) };
+    })();
+    // A request that leaves before its turn never reads it: its failure is not unhandled.
+    item.prepared.catch(() => undefined);
+  }
+  return item.prepared;
+}
+
+/** How the server's scheduler runs generations on `blip2`: see batchKey. */
+export function generationBatching(blip2: Blip2): Batching<GenItem, GenResult> {
+  const whole = wholeBatches(generationRunner(blip2));
+  return {
+    arrive: (item) => void prepare(blip2, item),
+    open: (key) => (key === ROLLING ? new RollingGenerations(blip2) : whole.open(key)),
+  };
+}
+
+/** Greedy OPT generations as rows of one RollingBatch. */
+class RollingGenerations implements RunningBatch<GenItem, GenResult> {
+  readonly open = true;
+  private readonly rows: RollingBatch;
+
+  constructor(private readonly blip2: Blip2) {
+    this.rows = blip2.model.rollingBatch();
+  }
+
+  get size(): number {
+    return this.rows.size;
+  }
+
+  async join(item: GenItem, signal: AbortSignal): Promise<GenResult> {
+    const started = performance.now();
+    const stream = new TextStream(this.blip2, item);
+    const prepared = prepare(this.blip2, item);
+    const result = await this.rows.join({
+      inputs: prepared.then((p) => ({ inputIds: p.inputIds, image: p.features })),
+      generation: this.blip2.model.generationConfig(item.options),
+      signal,
+      onToken: (token, end) => stream.push(token, end),
+      done: () => stream.done !== null,
+    });
+    return rowResult(this.blip2, item, stream, result, (await prepared).inputIds.length, performance.now() - started);
+  }
+
+  step(): Promise<void> {
+    return this.rows.step();
+  }
+
+  close(): Promise<void> {
+    return this.rows.close();
+  }
+}
+
+/** A row's answer from its sequence: its words (cut at a stop string), why it ended, its counts. */
+function rowResult(blip2: Blip2, item: GenItem, stream: TextStream, r: RollingResult, promptTokens: number, runMs: number): GenResult {
+  const fresh = r.sequence.slice(promptTokens);
+  let text: string;
+  let stopped = r.reason !== "length";
+  if (r.reason === "done") {
+    text = stream.text.trimEnd();
+  } else {
+    const caption = blip2.result(r.sequence, r.sequence.slice(0, promptTokens)).caption;
+    const cut = firstStop(caption, item.stop);
+    text = cut >= 0 ? caption.slice(0, cut).trimEnd() : caption;
+    stopped ||= cut >= 0;
+  }
+  stream.emit(text);
+  return { text, ids: r.sequence, finishReason: stopped ? "stop" : "length", promptTokens, completionTokens: fresh.length, batchSize: r.peakRows, runMs };
 }
 
 /** One row's new tokens and text, as they come, streamed to `item.onText` without the bits that may still change. */
@@ -101,11 +199,12 @@ function firstStop(text: string, stop: string[] | undefined): number {
   return at;
 }
 
-/** Runs batches of generations on `blip2` (see GenItem). */
+/** Runs batches of generations on `blip2` that decode together from start to end (see GenItem). */
 export function generationRunner(blip2: Blip2): BatchRunner<GenItem, GenResult> {
   return async (items, signal) => {
     const started = performance.now();
-    const inputs = await blip2.processor.process({ images: items.map((i) => i.image), text: items.map((i) => i.prompt), paddingSide: "left" });
+    const prepared = await Promise.all(items.map((item) => prepare(blip2, item)));
+    const inputs = blip2.processor.tokenize(items.map((i) => i.prompt), "left");
     const rows = items.map((item) => new TextStream(blip2, item));
     // Rows cut by a stop string need no more tokens: when all are, the generation stops.
     const cut = new AbortController();
@@ -115,7 +214,7 @@ export function generationRunner(blip2: Blip2): BatchRunner<GenItem, GenResult> 
     try {
       sequences = await blip2.model.generate({
         ...options,
-        pixelValues: inputs.pixelValues,
+        imageFeatures: joinFeatures(prepared.map((p) => p.features)),
         inputIds: inputs.inputIds,
         attentionMask: inputs.attentionMask,
         signal: AbortSignal.any([signal, cut.signal]),
@@ -157,4 +256,13 @@ function countNew(ids: number[], promptLength: number, eos: number[], opt: boole
   const fresh = opt ? ids.slice(promptLength) : ids.slice(1);
   const end = fresh.findIndex((t) => eos.includes(t));
   return end >= 0 ? [end + 1, true] : [fresh.length, false];
+}
+
+/** Images' projected queries [1, Q, D] each, as one [B, Q, D] tensor. */
+function joinFeatures(features: ort.Tensor[]): ort.Tensor {
+  if (features.length === 1) return features[0]!;
+  const [, q, d] = features[0]!.dims as [number, number, number];
+  const out = new Float32Array(features.length * q * d);
+  features.forEach((f, i) => out.set(f.data as Float32Array, i * q * d));
+  return tensor.f32(out, [features.length, q, d]);
 }

@@ -1,15 +1,17 @@
 /**
  * One queue in front of the model. The model runs one batch at a time (two generations at once
  * would only split the same cores), so requests wait here, in order, up to a bound past which they
- * are refused with 429 and a Retry-After. Jobs that share a batch key (greedy generations with the
- * same options) are taken from the queue together, up to `maxBatch`, and decode as one batch: rows
- * cost far less than whole generations. A job whose signal aborts (its client left, or its time
- * limit passed) leaves the queue at once; in a running batch it is answered at once, and the batch
- * stops when all its jobs have left.
+ * are refused with 429 and a Retry-After.
  *
- * What this does not do: a request that arrives while a batch runs waits for the next batch
- * instead of joining the running one at its next step (that needs a key/value cache whose rows
- * come and go, which the runtime does not have).
+ * Jobs that share a batch key (greedy generations) decode together in a running batch whose rows
+ * come and go: between two of its steps, the queued jobs of its key join it, up to `maxBatch` rows,
+ * and a job whose row ended has left it and been answered. A queued job may start its work before
+ * its turn (`arrive`: its image goes through the vision encoder as it comes, beside the batch's
+ * decoding). Once a job of another kind waits at the head of the queue, the batch takes no one
+ * else: it runs until its rows have ended, then that job runs. Batches that cannot take rows
+ * once started (`wholeBatches`: T5's, whose rows must start together) take the queued jobs of
+ * their key when they start. A job whose signal aborts (its client left, or its time limit passed)
+ * is answered at once: it leaves the queue, or its row leaves the batch at the next step.
  */
 import { HttpError } from "./errors.js";
 
@@ -27,6 +29,27 @@ export interface BatchJob<I> {
   item: I;
 }
 
+/** A batch that runs step by step; rows join it between steps. */
+export interface RunningBatch<I, R> {
+  /** Rows in it (joined and not ended, nor aborted). */
+  readonly size: number;
+  /** Whether a row may still join. */
+  readonly open: boolean;
+  /** Adds a row, which takes part from the next step; settles with its result when it ends. After `signal` aborts, it leaves at the next step. */
+  join(item: I, signal: AbortSignal): Promise<R>;
+  /** Runs one step of every row; a failure fails the batch. */
+  step(): Promise<void>;
+  /** Frees what it holds; called once it has no rows, or after a failure. */
+  close(): Promise<void>;
+}
+
+export interface Batching<I, R> {
+  /** Called as a job enters the queue: work it can do before its turn. */
+  arrive?(item: I): void;
+  /** A new batch for jobs of `key`. */
+  open(key: string): RunningBatch<I, R>;
+}
+
 /** Runs a batch of items; one result (or error) per item, in order. */
 export type BatchRunner<I, R> = (items: I[], signal: AbortSignal) => Promise<(R | Error)[]>;
 
@@ -38,7 +61,7 @@ export interface SchedulerLimits {
 }
 
 export interface SchedulerEvents {
-  /** A batch (or solo job) started: how many jobs it has. */
+  /** A job started: how many jobs run with it (itself included). */
   onBatch?: (size: number) => void;
   /** The queue's length changed. */
   onQueue?: (length: number) => void;
@@ -47,26 +70,29 @@ export interface SchedulerEvents {
 interface Entry {
   key: string | null;
   signal: AbortSignal;
+  /** Leaves the queue: removes its abort listener there. */
   start(): void;
   fail(err: unknown): void;
-  /** Set while in the queue: removes its abort listener. */
-  detach?: () => void;
+  settle(result: unknown): void;
   item?: unknown;
-  settle?: (result: unknown) => void;
   run?: (signal: AbortSignal) => Promise<unknown>;
 }
 
 export class Scheduler<I, R> {
   private readonly queue: Entry[] = [];
+  private readonly batching: Batching<I, R>;
   private running = false;
-  /** Mean wall time of a batch, for Retry-After. */
-  private meanBatchSeconds = 1;
+  /** Mean wall time of a job once started, for Retry-After. */
+  private meanJobSeconds = 1;
 
+  /** `batching`: how jobs of a key run together; a BatchRunner runs them as wholeBatches. */
   constructor(
-    private readonly runBatch: BatchRunner<I, R>,
+    batching: Batching<I, R> | BatchRunner<I, R>,
     readonly limits: SchedulerLimits,
     private readonly events: SchedulerEvents = {},
-  ) {}
+  ) {
+    this.batching = typeof batching === "function" ? wholeBatches(batching) : batching;
+  }
 
   get queued(): number {
     return this.queue.length;
@@ -79,14 +105,20 @@ export class Scheduler<I, R> {
     return new Promise((resolve, reject) => {
       if (job.signal.aborted) return reject(job.signal.reason);
       if (this.queue.length >= this.limits.maxQueue) {
-        const seconds = Math.max(1, Math.ceil(this.meanBatchSeconds * (1 + this.queue.length / this.limits.maxBatch)));
+        const seconds = Math.max(1, Math.ceil(this.meanJobSeconds * (1 + this.queue.length / this.limits.maxBatch)));
         return reject(new HttpError(429, "queue_full", `the server is busy: ${this.queue.length} requests are waiting (the limit); retry in ${seconds} s`, { "retry-after": String(seconds) }));
       }
       let settled = false;
+      const onAbort = () => {
+        const i = this.queue.indexOf(entry);
+        if (i >= 0) this.queue.splice(i, 1);
+        this.events.onQueue?.(this.queue.length);
+        entry.fail(job.signal.reason);
+      };
       const entry: Entry = {
         key: job.key,
         signal: job.signal,
-        start: () => entry.detach?.(),
+        start: () => job.signal.removeEventListener("abort", onAbort),
         fail: (err) => {
           if (settled) return;
           settled = true;
@@ -99,16 +131,10 @@ export class Scheduler<I, R> {
         },
         ...(job.key === null ? { run: (job as SoloJob<unknown>).run } : { item: (job as BatchJob<I>).item }),
       };
-      const onAbort = () => {
-        const i = this.queue.indexOf(entry);
-        if (i >= 0) this.queue.splice(i, 1);
-        this.events.onQueue?.(this.queue.length);
-        entry.fail(job.signal.reason);
-      };
       job.signal.addEventListener("abort", onAbort, { once: true });
-      entry.detach = () => job.signal.removeEventListener("abort", onAbort);
       this.queue.push(entry);
       this.events.onQueue?.(this.queue.length);
+      if (job.key !== null) this.batching.arrive?.(entry.item as I);
       void this.drain();
     });
   }
@@ -118,59 +144,127 @@ export class Scheduler<I, R> {
     this.running = true;
     try {
       while (this.queue.length) {
-        const batch = this.take();
-        this.events.onQueue?.(this.queue.length);
-        this.events.onBatch?.(batch.length);
-        const started = performance.now();
-        await this.execute(batch);
-        const seconds = (performance.now() - started) / 1000;
-        this.meanBatchSeconds = 0.8 * this.meanBatchSeconds + 0.2 * seconds;
+        const head = this.queue[0]!;
+        if (head.key === null) await this.runSolo(head);
+        else await this.runBatch(head.key);
       }
     } finally {
       this.running = false;
     }
   }
 
-  /** The head of the queue, and when it can be batched the queued jobs of its key after it. */
-  private take(): Entry[] {
-    const head = this.queue.shift()!;
-    const batch = [head];
-    if (head.key !== null) {
-      for (let i = 0; i < this.queue.length && batch.length < this.limits.maxBatch; ) {
-        if (this.queue[i]!.key === head.key) batch.push(...this.queue.splice(i, 1));
-        else i++;
-      }
+  private async runSolo(entry: Entry): Promise<void> {
+    this.take(entry);
+    this.events.onBatch?.(1);
+    // Answered at once when its signal aborts; its run is given that signal to stop at its next step.
+    const leave = () => entry.fail(entry.signal.reason);
+    entry.signal.addEventListener("abort", leave, { once: true });
+    const started = performance.now();
+    try {
+      if (!entry.signal.aborted) entry.settle(await entry.run!(entry.signal));
+    } catch (err) {
+      entry.fail(err);
+    } finally {
+      entry.signal.removeEventListener("abort", leave);
     }
-    for (const e of batch) e.start();
-    return batch;
+    this.timed(started);
   }
 
-  private async execute(batch: Entry[]): Promise<void> {
-    // The batch runs while any of its jobs still wants it; each job that leaves is answered now.
-    const stop = new AbortController();
-    let left = 0;
-    const leave = (e: Entry) => {
-      e.fail(e.signal.reason);
-      if (++left === batch.length) stop.abort(e.signal.reason);
-    };
-    const listeners = batch.map((e) => {
-      const listener = () => leave(e);
-      if (e.signal.aborted) leave(e);
-      else e.signal.addEventListener("abort", listener, { once: true });
-      return () => e.signal.removeEventListener("abort", listener);
-    });
+  /** A batch of `key`'s jobs, joined by more between its steps while it is open and its key heads the queue. */
+  private async runBatch(key: string): Promise<void> {
+    const batch = this.batching.open(key);
+    const members = new Set<Entry>();
     try {
-      if (stop.signal.aborted) return;
-      if (batch[0]!.key === null) {
-        batch[0]!.settle!(await batch[0]!.run!(stop.signal));
-      } else {
-        const results = await this.runBatch(batch.map((e) => e.item as I), stop.signal);
-        results.forEach((r, i) => (r instanceof Error ? batch[i]!.fail(r) : batch[i]!.settle!(r)));
+      while (true) {
+        this.admit(batch, key, members);
+        if (batch.size === 0) break;
+        await batch.step();
       }
     } catch (err) {
-      for (const e of batch) e.fail(err);
+      for (const e of members) e.fail(err);
     } finally {
-      for (const remove of listeners) remove();
+      await batch.close().catch(() => undefined);
     }
   }
+
+  /** Queued jobs of `key` join `batch`, in order, up to maxBatch rows, while a job of its key heads the queue. */
+  private admit(batch: RunningBatch<I, R>, key: string, members: Set<Entry>): void {
+    if (!batch.open || this.queue[0]?.key !== key) return;
+    for (let i = 0; i < this.queue.length && batch.size < this.limits.maxBatch; ) {
+      const entry = this.queue[i]!;
+      if (entry.key !== key) {
+        i++;
+        continue;
+      }
+      this.take(entry);
+      members.add(entry);
+      // Answered at once when its signal aborts (the batch drops its row at its next step).
+      const leave = () => entry.fail(entry.signal.reason);
+      entry.signal.addEventListener("abort", leave, { once: true });
+      const started = performance.now();
+      batch.join(entry.item as I, entry.signal).then(
+        (r) => entry.settle(r),
+        (err) => entry.fail(err),
+      ).finally(() => {
+        entry.signal.removeEventListener("abort", leave);
+        members.delete(entry);
+        this.timed(started);
+      });
+      this.events.onBatch?.(batch.size);
+    }
+  }
+
+  /** Takes `entry` out of the queue: it runs now. */
+  private take(entry: Entry): void {
+    this.queue.splice(this.queue.indexOf(entry), 1);
+    entry.start();
+    this.events.onQueue?.(this.queue.length);
+  }
+
+  private timed(started: number): void {
+    this.meanJobSeconds = 0.8 * this.meanJobSeconds + 0.2 * ((performance.now() - started) / 1000);
+  }
+}
+
+/**
+ * Batches that run their rows in one go (a BatchRunner): they take their rows before their one
+ * step. The run is told to stop once every row has left.
+ */
+export function wholeBatches<I, R>(runner: BatchRunner<I, R>): Batching<I, R> {
+  return {
+    open(): RunningBatch<I, R> {
+      const rows: { item: I; signal: AbortSignal; resolve: (r: R) => void; reject: (err: unknown) => void }[] = [];
+      let started = false;
+      let finished = false;
+      return {
+        get size() {
+          return finished ? 0 : rows.filter((r) => !r.signal.aborted).length;
+        },
+        get open() {
+          return !started;
+        },
+        join(item, signal) {
+          return new Promise<R>((resolve, reject) => rows.push({ item, signal, resolve, reject }));
+        },
+        async step() {
+          started = true;
+          const stop = new AbortController();
+          const leave = () => rows.every((r) => r.signal.aborted) && stop.abort(rows.at(-1)?.signal.reason);
+          for (const r of rows) r.signal.addEventListener("abort", leave, { once: true });
+          try {
+            leave();
+            if (stop.signal.aborted) return;
+            const results = await runner(rows.map((r) => r.item), stop.signal);
+            results.forEach((r, i) => (r instanceof Error ? rows[i]!.reject(r) : rows[i]!.resolve(r)));
+          } catch (err) {
+            for (const r of rows) r.reject(err);
+          } finally {
+            finished = true;
+            for (const r of rows) r.signal.removeEventListener("abort", leave);
+          }
+        },
+        async close() {},
+      };
+    },
+  };
 }

@@ -17,11 +17,12 @@ import { fileURLToPath } from "node:url";
 import type { Blip2ForImageTextRetrieval } from "../api/retrieval.js";
 import { vqaPrompt, type Blip2 } from "../api/tasks.js";
 import { Blip2Error } from "../errors.js";
+import { checkPromptLength } from "../generation/limits.js";
 import type { GenerationOptions } from "../generation/options.js";
 import type { ImageStore } from "../search/store.js";
 import { ChatStore } from "./chats.js";
 import { errorBody, HttpError, toErrorResponse } from "./errors.js";
-import { batchKey, generationRunner, TextStream, type GenItem, type GenResult } from "./generation.js";
+import { batchKey, generationBatching, generationRunner, TextStream, type GenItem, type GenResult } from "./generation.js";
 import { requestImage, type ImageLimits } from "./images.js";
 import { ServerMetrics } from "./metrics.js";
 import { completionSchema, planCompletion, type CompletionRequest } from "./openai.js";
@@ -138,7 +139,7 @@ export async function createServer(options: ServeOptions): Promise<FastifyInstan
   });
   const metrics = new ServerMetrics();
   const limits: ImageLimits = { maxPixels: o.maxImagePixels, maxBytes: o.maxBodyBytes, allowRemote: o.allowRemoteImages ?? false };
-  const scheduler = new Scheduler<GenItem, GenResult>(o.blip2 ? generationRunner(o.blip2) : async () => [], { maxQueue: o.maxQueue, maxBatch: o.maxBatch }, {
+  const scheduler = new Scheduler<GenItem, GenResult>(o.blip2 ? generationBatching(o.blip2) : async () => [], { maxQueue: o.maxQueue, maxBatch: o.maxBatch }, {
     onQueue: (n) => metrics.queue.set(n),
     onBatch: (n) => metrics.batchSize.observe(n),
   });
@@ -196,10 +197,11 @@ export async function createServer(options: ServeOptions): Promise<FastifyInstan
     return control.signal;
   }
 
-  /** Runs one generation through the queue, batched with others when its options allow. */
+  /** Runs one generation through the queue, in a batch with others when its options allow (see generation.ts). */
   async function generate(blip2: Blip2, item: GenItem, signal: AbortSignal): Promise<GenResult> {
     const promptTokens = blip2.processor.tokenize([item.prompt]).inputIds[0]!.length;
-    blip2.model.generationConfig(item.options); // a bad option fails here, before queueing
+    // A bad option or a prompt too long fails here, before queueing.
+    checkPromptLength(blip2.model.config, promptTokens, blip2.model.generationConfig(item.options).maxNewTokens);
     const key = batchKey(blip2, item.options, promptTokens);
     const result = await (key === null
       ? scheduler.submit({ key: null, signal, run: async (s) => first(await generationRunner(blip2)([item], s)) })
