@@ -1,9 +1,11 @@
 /**
  * Benchmark of `blip2 serve` under load, on loopback only: autocannon sends caption requests from
- * N concurrent clients for D seconds, with batched decoding (up to N rows) and without it (one
- * request at a time). Reports p50/p99 latency, requests and tokens per second, failed or lost
- * requests, memory after warm-up and after a soak, and the 429 path under an overfull queue.
- * Prints a table and a JSON line, appended to bench/results/<date>-<machine>.jsonl.
+ * N concurrent clients for D seconds, with batched decoding on (greedy requests join the running
+ * batch at its next step and leave when they end, up to N rows: see serve/scheduler.ts) and off
+ * (one request at a time). Reports p50/p99 latency, requests and tokens per second, the mean rows
+ * decoding when a request joined, failed or lost requests, memory after warm-up and after a soak,
+ * and the 429 path under an overfull queue. Prints a table and a JSON line, appended to
+ * bench/results/<date>-<machine>.jsonl (or $BLIP2_BENCH_RESULTS/).
  *
  *   npm run bench:serve                                  # tiny model: 32 clients, 60 s
  *   npm run bench:serve -- --model opt-2.7b --dtype q8 --connections 4 --soak 300
@@ -50,6 +52,8 @@ await blip2.model.prepare();
 
 interface Run {
   maxBatch: number;
+  /** Mean rows decoding when a request joined (itself included). */
+  meanRows: number;
   requests: number;
   failed: number;
   p50Ms: number;
@@ -76,11 +80,16 @@ async function run(maxBatch: number): Promise<Run> {
     await load(url, Math.min(warmup, 5));
     const tokensBefore = await counter(url, /^blip2_generated_tokens_total (\d+)/m);
     const answeredBefore = await counter(url, /^blip2_requests_total\{route="\/v1\/caption",status="200"\} (\d+)/m);
+    const rowsBefore = await counter(url, /^blip2_batch_size_sum (\d+)/m);
+    const joinsBefore = await counter(url, /^blip2_batch_size_count (\d+)/m);
     const r = await load(url, duration);
+    const joins = (await counter(url, /^blip2_batch_size_count (\d+)/m)) - joinsBefore;
+    const meanRows = joins ? ((await counter(url, /^blip2_batch_size_sum (\d+)/m)) - rowsBefore) / joins : 0;
     const generated = (await counter(url, /^blip2_generated_tokens_total (\d+)/m)) - tokensBefore;
     const answered = (await counter(url, /^blip2_requests_total\{route="\/v1\/caption",status="200"\} (\d+)/m)) - answeredBefore;
     return {
       maxBatch,
+      meanRows,
       requests: r.requests.total,
       failed: r.errors + r.timeouts + r.non2xx,
       p50Ms: r.latency.p50,
@@ -133,10 +142,10 @@ await blip2.dispose();
 
 const speedup = batched.tokensPerSecond / sequential.tokensPerSecond;
 console.log(`blip2 serve, ${variant} (${JSON.stringify(dtype)}), ${connections} clients for ${duration} s, ${tokens} tokens per caption, loopback`);
-console.log("| decoding | requests | failed | p50 ms | p99 ms | requests/s | tokens/s |");
-console.log("|---|---|---|---|---|---|---|");
+console.log("| decoding | mean rows | requests | failed | p50 ms | p99 ms | requests/s | tokens/s |");
+console.log("|---|---|---|---|---|---|---|---|");
 for (const r of [batched, sequential]) {
-  console.log(`| ${r.maxBatch > 1 ? `batched (up to ${r.maxBatch})` : "one at a time"} | ${r.requests} | ${r.failed} | ${r.p50Ms} | ${r.p99Ms} | ${r.requestsPerSecond.toFixed(2)} | ${r.tokensPerSecond.toFixed(1)} |`);
+  console.log(`| ${r.maxBatch > 1 ? `batched (up to ${r.maxBatch} rows)` : "one at a time"} | ${r.meanRows.toFixed(2)} | ${r.requests} | ${r.failed} | ${r.p50Ms} | ${r.p99Ms} | ${r.requestsPerSecond.toFixed(2)} | ${r.tokensPerSecond.toFixed(1)} |`);
 }
 console.log(`batched / one at a time, tokens/s: ${speedup.toFixed(2)}x${fullSize ? ` (bar: >= 2x: ${speedup >= 2 ? "met" : "NOT met"})` : ""}`);
 if (memory) console.log(`memory: ${memory.warmMb.toFixed(0)} MB after warm-up, ${memory.afterMb.toFixed(0)} MB after ${soak} s (${(memory.growth * 100).toFixed(1)}%; bar: within 10%: ${Math.abs(memory.growth) <= 0.1 ? "met" : "NOT met"})`);
