@@ -19,10 +19,10 @@ import path from "node:path";
 import { Blip2 } from "../api/tasks.js";
 import { Blip2Tokenizer } from "../tokenizer/tokenizer.js";
 import { composeStage2 } from "../train/compose.js";
-import { writeFreshModels } from "../train/fresh.js";
+import { SMALL_QFORMER, writeFreshModels } from "../train/fresh.js";
 import { Rng } from "../train/rng.js";
 import { train } from "../train/trainer.js";
-import { pretrainVision } from "../train/vision.js";
+import { pretrainVision, type Accuracy } from "../train/vision.js";
 import { pretrainText } from "../train/language.js";
 import { writeDataset } from "../world/dataset.js";
 import type { Split } from "../world/scene.js";
@@ -32,6 +32,8 @@ export interface ShapesPipelineOptions {
   /** Where the data, checkpoints and results go (resumable). */
   work: string;
   imageSize?: number;
+  /** The Q-Former's learned queries: the visual prompts the language model reads. */
+  queryTokens?: number;
   trainImages?: number;
   /** Images of each evaluation split (test, compositional). */
   evalImages?: number;
@@ -54,18 +56,26 @@ export interface ShapesResults {
   settings: Required<Omit<ShapesPipelineOptions, "log" | "work" | "threads">>;
   seconds: Record<string, number>;
   losses: Record<string, { first: number; last: number }>;
+  /** The frozen models alone, on held-out val scenes. */
+  unimodal: {
+    /** The image encoder's attributes at each place (its own objective). */
+    vision: Accuracy;
+    /** The language model given a description of the scene before BOS: its answers and its captions. */
+    text: { answers: number; captions: number };
+  };
   test: { caption: CaptionScore; vqa: VqaScore };
   compositional: { caption: CaptionScore; vqa: VqaScore };
   retrieval: RetrievalScore;
   ablation: { withStage1: CurvePoint[]; withoutStage1: CurvePoint[] };
 }
 
-/** The defaults: about 40 minutes on two cores. */
+/** The defaults: about an hour on two cores. */
 export const FULL_SETTINGS = {
   imageSize: 64,
-  trainImages: 3000,
+  queryTokens: 32,
+  trainImages: 10000,
   evalImages: 150,
-  steps: { vision: 1500, text: 2000, stage1: 1000, stage2: 1500 },
+  steps: { vision: 1500, text: 8000, stage1: 1500, stage2: 2000 },
   batchSize: 16,
   curvePoints: 3,
   curveImages: 50,
@@ -101,6 +111,7 @@ export async function runShapesPipeline(options: ShapesPipelineOptions): Promise
     fs.writeFileSync(marker, "");
     log(`${name}: ${partial.seconds[name]!.toFixed(0)} s`);
   };
+  const unimodal = () => (partial.unimodal ??= { vision: { shape: NaN, colour: NaN, size: NaN, places: NaN }, text: { answers: NaN, captions: NaN } });
   const lossTrack = (name: string) => {
     let first = NaN;
     return (loss: number) => {
@@ -119,7 +130,7 @@ export async function runShapesPipeline(options: ShapesPipelineOptions): Promise
 
   await stage("fresh", async () => {
     for (const d of ["fresh-retrieval", "fresh-opt"]) fs.rmSync(at(d), { recursive: true, force: true });
-    writeFreshModels({ retrieval: at("fresh-retrieval"), languageModel: at("fresh-opt"), seed: 0 });
+    writeFreshModels({ retrieval: at("fresh-retrieval"), languageModel: at("fresh-opt"), seed: 0, qformer: { ...SMALL_QFORMER, numQueryTokens: s.queryTokens } });
   });
 
   await stage("vision", async () => {
@@ -127,14 +138,17 @@ export async function runShapesPipeline(options: ShapesPipelineOptions): Promise
     const track = lossTrack("vision");
     const r = await pretrainVision({ model: at("fresh-retrieval"), out: at("vision"), retrievalOut: at("stage1-start"), steps: s.steps.vision, runtime, onStep: (i) => track(i.loss) });
     log(`vision: val accuracy shape ${pct(r.valAccuracy.shape)}, colour ${pct(r.valAccuracy.colour)}, size ${pct(r.valAccuracy.size)}`);
+    unimodal().vision = r.valAccuracy;
   });
 
   await stage("text", async () => {
     fs.rmSync(at("opt"), { recursive: true, force: true });
     const track = lossTrack("text");
-    // Random tokens before BOS: in stage 2 the visual prompts sit there, and an LM that only ever
-    // read text from position 0 ignored them (the captions stayed one caption for every image).
-    await pretrainText({ model: at("fresh-opt"), out: at("opt"), steps: s.steps.text, prefixTokens: 8, length: 56, runtime, onStep: (i) => track(i.loss) });
+    // A description before BOS, then a caption or a question about it: the LM learns to read
+    // what precedes its BOS, where stage 2 puts the visual prompts (see language.ts).
+    const r = await pretrainText({ model: at("fresh-opt"), out: at("opt"), steps: s.steps.text, context: true, length: 80, runtime, onStep: (i) => track(i.loss) });
+    unimodal().text = { answers: r.valAnswerAccuracy, captions: r.valCaptionAccuracy };
+    log(`text: val answers ${pct(r.valAnswerAccuracy)}, captions ${pct(r.valCaptionAccuracy)} (from a description)`);
   });
 
   const trainData = at("data/train/captions.jsonl");
@@ -186,7 +200,7 @@ export async function runShapesPipeline(options: ShapesPipelineOptions): Promise
     log(`retrieval among ${partial.retrieval.candidates}: R@1 ITC ${pct(partial.retrieval.itc.r1)}, ITC + ITM ${pct(partial.retrieval.itcItm.r1)}`);
   });
 
-  partial.settings = { imageSize: s.imageSize, trainImages: s.trainImages, evalImages: s.evalImages, steps: s.steps, batchSize: s.batchSize, curvePoints: s.curvePoints, curveImages: s.curveImages };
+  partial.settings = { imageSize: s.imageSize, queryTokens: s.queryTokens, trainImages: s.trainImages, evalImages: s.evalImages, steps: s.steps, batchSize: s.batchSize, curvePoints: s.curvePoints, curveImages: s.curveImages };
   save();
   return partial as ShapesResults;
 }

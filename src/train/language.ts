@@ -7,9 +7,17 @@
  * - a third are a plain caption and "\n": what stage 2's OPT is trained to write after the visual
  *   prompts (LAVIS: `prompt + caption + "\n"`, and generation stops at "\n");
  * - two thirds are a description of the scene (a caption), then one of its questions in BLIP-2's
- *   zero-shot VQA prompt and the answer: "description\nQuestion: q Answer: a\n". The model learns to
- *   answer from the description that precedes the prompt; at stage 2 the visual prompts stand where
- *   the description stood, so a caption-conditioned model answers `Question: {} Answer:` prompts.
+ *   zero-shot VQA prompt and the answer: "description\nQuestion: q Answer: a\n".
+ *
+ * With `context`, the description mostly stands before BOS instead, as the end of the document
+ * before this one (OPT is pretrained on documents packed with `</s>` between them): a quarter are
+ * `description </s> caption\n` (another paraphrase), half `description </s> Question: q Answer:
+ * a\n`, and an eighth each as above. The model learns to caption and to answer from what precedes
+ * its BOS, where stage 2 puts the visual prompts: a Q-Former that learns to caption through it
+ * gets its zero-shot answers from the same reading.
+ *
+ * A question's prompt is never a target, only its answer: most of a question's loss would be
+ * guessing which question comes, which teaches nothing about the scene.
  *
  * Held-out evaluation (val split): the loss per token, and the answer accuracy with the
  * description given (teacher forcing: every token of the answer is the argmax after its prefix),
@@ -27,7 +35,7 @@ import { Params } from "../models/layers.js";
 import { optDecoder, optEmbedTokens } from "../models/opt.js";
 import type { RuntimeOptions } from "../runtime/session.js";
 import { Blip2Tokenizer } from "../tokenizer/tokenizer.js";
-import { askScene, captionScene, questionPrompt, QUESTION_TYPES, type QuestionType } from "../world/language.js";
+import { askScene, captionMatchesScene, captionScene, questionPrompt, QUESTION_TYPES, type QuestionType } from "../world/language.js";
 import { generateScene, sceneSeed, type Split } from "../world/scene.js";
 import { checkOutDir, encodeFloats, writeModelFolder } from "./checkpoint.js";
 import { lmLoss, shiftedTargets } from "./losses.js";
@@ -58,6 +66,11 @@ export interface PretrainTextOptions {
    * learns to read text that does not start at position 0: stage 2 puts its visual prompts there.
    */
   prefixTokens?: number;
+  /**
+   * Put a description of the scene before BOS in two thirds of the sequences, followed by a caption
+   * or a question and its answer (see textOfScene); the val answers are then asked that way too.
+   */
+  context?: boolean;
   runtime?: RuntimeOptions;
   onStep?: (info: PretrainStep) => void;
 }
@@ -74,30 +87,55 @@ export interface PretrainTextResult {
   /** Val: answers right (every token) with the description given, over all types and per type. */
   valAnswerAccuracy: number;
   valAnswerAccuracyByType: Record<QuestionType, number>;
+  /** Val, with `context`: captions right (every object) written after a description placed before BOS; NaN without. */
+  valCaptionAccuracy: number;
 }
 
 const TOKENIZER_FILE = /^(special_tokens_map\.json|added_tokens\.json|merges\.txt|tokenizer[^/]*|vocab[^/]*|generation_config\.json)$/;
 
-/** A sequence of the mix: its text and, for a question, where the answer starts (in characters). */
+/**
+ * A sequence of the mix: its text, the context before its BOS (not a target), and, for a question,
+ * where the answer starts (in characters of `text`).
+ */
 interface Sequence {
   text: string;
+  context?: string;
   answerAt?: number;
+  /** For a question, where its prompt starts (in characters of `text`): the prompt is not a target. */
+  questionAt?: number;
   type?: QuestionType;
 }
 
 function describedQuestion(description: string, q: { question: string; answer: string; type: QuestionType }): Sequence {
   const prefix = `${description}\n${questionPrompt(q.question)}`;
-  return { text: `${prefix} ${q.answer}\n`, answerAt: prefix.length, type: q.type };
+  return { text: `${prefix} ${q.answer}\n`, answerAt: prefix.length, questionAt: description.length + 1, type: q.type };
 }
 
-/** The training sequence of scene `index` of the train split. */
-export function textOfScene(split: Split, index: number, rng: Rng): Sequence {
+/** A question about the scene that `context` describes, asked after BOS. */
+function questionAfterContext(context: string, q: { question: string; answer: string; type: QuestionType }): Sequence {
+  const prompt = questionPrompt(q.question);
+  return { context, text: `${prompt} ${q.answer}\n`, answerAt: prompt.length, questionAt: 0, type: q.type };
+}
+
+/**
+ * The training sequence of scene `index` of the train split (the mix of the header). With
+ * `context`, three quarters put a description of the scene before BOS.
+ */
+export function textOfScene(split: Split, index: number, rng: Rng, context = false): Sequence {
   const scene = generateScene(sceneSeed(split, index));
   const captions = captionScene(scene, 4);
   const description = captions[rng.int(captions.length)]!;
-  if (rng.int(3) === 0) return { text: `${description}\n` };
   const questions = askScene(scene);
-  return describedQuestion(description, questions[rng.int(questions.length)]!);
+  const question = () => questions[rng.int(questions.length)]!;
+  if (context) {
+    const kind = rng.int(8);
+    if (kind < 2) return { context: description, text: `${captions[rng.int(captions.length)]!}\n` };
+    if (kind < 6) return questionAfterContext(description, question());
+    if (kind === 6) return { text: `${description}\n` };
+    return describedQuestion(description, question());
+  }
+  if (rng.int(3) === 0) return { text: `${description}\n` };
+  return describedQuestion(description, question());
 }
 
 /** The decoder graph with the LM loss; outputs `loss` and `logits` [B, L, V]. */
@@ -121,18 +159,35 @@ function textPretrainGraph(ckpt: Checkpoint, cfg: OptConfig, batch: number, leng
   return { g, loss: lmLoss(logits, targets, weights) };
 }
 
-/** Token ids of a batch of texts, right-padded to `length`, with their shifted targets. */
-function textBatch(tokenizer: Blip2Tokenizer, texts: string[], length: number, prefix?: { rng: Rng; most: number }): Record<string, ort.Tensor> {
-  const pad = tokenizer.padTokenId ?? 1;
-  // Random tokens before BOS (not targets): stage 2 puts the visual prompts there.
+/**
+ * A sequence's token ids (context, then BOS and its text) and which are targets: those after the
+ * context, but for a question's prompt. The model is taught to answer, not to guess which question
+ * comes (most of a question's loss would be that guess, which says nothing about the scene).
+ */
+function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence, noise: number[]): { ids: number[]; targets: boolean[] } {
+  // Random tokens before BOS (not targets) where a sequence has no context: stage 2 puts the visual prompts there.
+  const before = seq.context === undefined ? noise : tokenizer.encode(seq.context, { addSpecialTokens: false });
+  const ids = [...before, ...tokenizer.encode(seq.text)];
+  // Token boundaries of the question's prompt: the BPE of a prefix of the text is a prefix of the text's.
+  const [from, to] = seq.questionAt === undefined ? [0, 0] : [seq.questionAt, seq.answerAt!].map((c) => before.length + tokenizer.encode(seq.text.slice(0, c)).length);
+  return { ids, targets: ids.map((_, j) => j >= before.length && !(j >= from! && j < to!)) };
+}
+
+/** Token ids of a batch of sequences, right-padded to `length`, with their shifted targets. */
+function textBatch(tokenizer: Blip2Tokenizer, sequences: Sequence[], length: number, prefix?: { rng: Rng; most: number }): Record<string, ort.Tensor> {
   const noise = (): number[] => (prefix ? Array.from({ length: prefix.rng.int(prefix.most + 1) }, () => 4 + prefix.rng.int(tokenizer.vocabSize - 4)) : []);
-  const prefixes = texts.map(() => noise());
-  const rows = texts.map((t, i) => [...prefixes[i]!, ...tokenizer.encode(t)]);
-  const long = rows.find((r) => r.length > length);
-  if (long) throw new Blip2Error(`text pretraining: a sequence has ${long.length} tokens, more than the length ${length}; give a larger length`);
+  const rows = sequences.map((seq) => encodeSequence(tokenizer, seq, noise()));
+  const long = rows.find((r) => r.ids.length > length);
+  if (long) throw new Blip2Error(`text pretraining: a sequence has ${long.ids.length} tokens, more than the length ${length}; give a larger length`);
+  return idsFeeds(tokenizer, rows.map((r) => r.ids), length, rows.map((r) => r.targets));
+}
+
+/** The graph's feeds for rows of ids, right-padded to `length`, with which ids are targets (default: none). */
+function idsFeeds(tokenizer: Blip2Tokenizer, rows: number[][], length: number, targets?: boolean[][]): Record<string, ort.Tensor> {
+  const pad = tokenizer.padTokenId ?? 1;
   const ids = rows.map((r) => [...r, ...new Array<number>(length - r.length).fill(pad)]);
   const mask = rows.map((r) => Array.from({ length }, (_, j) => (j < r.length ? 1 : 0)));
-  const labels = ids.map((r, i) => r.map((id, j) => (mask[i]![j] && j >= prefixes[i]!.length ? id : -100)));
+  const labels = ids.map((row, i) => row.map((id, j) => (targets?.[i]?.[j] ? id : -100)));
   const shifted = shiftedTargets(labels);
   const int64 = (m: number[][]) => new ort.Tensor("int64", BigInt64Array.from(m.flat().map(BigInt)), [m.length, length]);
   return {
@@ -146,7 +201,7 @@ function textBatch(tokenizer: Blip2Tokenizer, texts: string[], length: number, p
 /** Trains the OPT of `model` on the world's text; writes the OPTForCausalLM folder `out`. */
 export async function pretrainText(options: PretrainTextOptions): Promise<PretrainTextResult> {
   const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as PretrainTextOptions;
-  const o = { steps: 400, batchSize: 32, length: 48, lr: 1e-3, minLr: 1e-5, warmupSteps: 30, weightDecay: 0.05, seed: 0, evalScenes: 128, firstScene: 0, ...given };
+  const o = { steps: 400, batchSize: 32, length: 48, lr: 1e-3, minLr: 1e-5, warmupSteps: 30, weightDecay: 0.05, seed: 0, evalScenes: 128, firstScene: 0, context: false, ...given };
   checkCount("steps", o.steps);
   checkCount("batch size", o.batchSize);
   checkCount("length", o.length, 2);
@@ -166,13 +221,13 @@ export async function pretrainText(options: PretrainTextOptions): Promise<Pretra
   try {
     for (let step = 0; step < o.steps; step++) {
       const first = o.firstScene + step * o.batchSize;
-      const texts = Array.from({ length: o.batchSize }, (_, i) => textOfScene("train", first + i, rng).text);
-      const r = await training.step(textBatch(tokenizer, texts, o.length, o.prefixTokens ? { rng, most: o.prefixTokens } : undefined));
+      const sequences = Array.from({ length: o.batchSize }, (_, i) => textOfScene("train", first + i, rng, o.context));
+      const r = await training.step(textBatch(tokenizer, sequences, o.length, o.prefixTokens ? { rng, most: o.prefixTokens } : undefined));
       lastLoss = r.loss;
       o.onStep?.({ step: step + 1, totalSteps: o.steps, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, elapsed: (Date.now() - started) / 1000 });
     }
     const seconds = (Date.now() - started) / 1000;
-    const evaluation = await evaluate(training, tokenizer, o.batchSize, o.length, o.evalScenes);
+    const evaluation = await evaluate(training, tokenizer, o.batchSize, o.length, o.evalScenes, o.context);
     writeOpt(o.model, o.out, tensors);
     return { out: path.resolve(o.out), steps: o.steps, seconds, cpu: cpuDescription(), loss: lastLoss, ...evaluation };
   } finally {
@@ -181,12 +236,12 @@ export async function pretrainText(options: PretrainTextOptions): Promise<Pretra
 }
 
 /** Loss and teacher-forced answer accuracy on every question of the first val scenes. */
-async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batchSize: number, length: number, scenes: number) {
+async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batchSize: number, length: number, scenes: number, context: boolean) {
   const sequences: Sequence[] = [];
   for (let i = 0; i < scenes; i++) {
     const scene = generateScene(sceneSeed("val", i));
     const description = captionScene(scene, 1)[0]!;
-    for (const q of askScene(scene)) sequences.push(describedQuestion(description, q));
+    for (const q of askScene(scene)) sequences.push(context ? questionAfterContext(description, q) : describedQuestion(description, q));
   }
   const right = Object.fromEntries(QUESTION_TYPES.map((t) => [t, 0])) as Record<QuestionType, number>;
   const asked = { ...right };
@@ -195,8 +250,7 @@ async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batc
   for (let at = 0; at < sequences.length; at += batchSize) {
     // The graph has one batch size: the last batch is filled up with its first sequence, not counted.
     const chunk = sequences.slice(at, at + batchSize);
-    const texts = Array.from({ length: batchSize }, (_, i) => (chunk[i] ?? chunk[0]!).text);
-    const out = await training.run(textBatch(tokenizer, texts, length));
+    const out = await training.run(textBatch(tokenizer, Array.from({ length: batchSize }, (_, i) => chunk[i] ?? chunk[0]!), length));
     if (chunk.length === batchSize) {
       lossSum += Number(out.loss!.data[0]);
       batches += 1;
@@ -204,11 +258,11 @@ async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batc
     const logits = out.logits!.data as Float32Array;
     const vocab = out.logits!.dims[2]!;
     chunk.forEach((s, b) => {
-      const prefix = tokenizer.encode(s.text.slice(0, s.answerAt));
-      const ids = tokenizer.encode(s.text);
+      const { ids, targets } = encodeSequence(tokenizer, s, []);
+      const answerAt = targets.indexOf(true, targets.lastIndexOf(false));
       let ok = true;
       // The answer's tokens, up to the closing "\n": each the argmax at the position before it.
-      for (let j = prefix.length; j < ids.length - 1; j++) {
+      for (let j = answerAt; j < ids.length - 1; j++) {
         const row = logits.subarray(((b * length) + j - 1) * vocab, ((b * length) + j) * vocab);
         let best = 0;
         for (let v = 1; v < vocab; v++) if (row[v]! > row[best]!) best = v;
@@ -221,7 +275,53 @@ async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batc
   const total = QUESTION_TYPES.reduce((n, t) => n + asked[t], 0);
   const valAnswerAccuracyByType = Object.fromEntries(QUESTION_TYPES.map((t) => [t, asked[t] ? right[t] / asked[t] : NaN])) as Record<QuestionType, number>;
   const valAnswerAccuracy = QUESTION_TYPES.reduce((n, t) => n + right[t], 0) / Math.max(total, 1);
-  return { valLoss: batches ? lossSum / batches : NaN, valAnswerAccuracy, valAnswerAccuracyByType };
+  const valCaptionAccuracy = context ? await captionsFromContext(training, tokenizer, batchSize, length, scenes) : NaN;
+  return { valLoss: batches ? lossSum / batches : NaN, valAnswerAccuracy, valAnswerAccuracyByType, valCaptionAccuracy };
+}
+
+/**
+ * The share of val scenes whose caption, decoded greedily after a description of the scene placed
+ * before BOS, names every object right: how well the model reads what precedes its BOS, where
+ * stage 2 will put the visual prompts.
+ */
+async function captionsFromContext(training: GraphTraining, tokenizer: Blip2Tokenizer, batchSize: number, length: number, scenes: number): Promise<number> {
+  const newline = tokenizer.encode("\n", { addSpecialTokens: false })[0];
+  // After a context the model may start a caption or a question: the caption is asked for.
+  const question = tokenizer.encode("Question:", { addSpecialTokens: false })[0]!;
+  let right = 0;
+  for (let first = 0; first < scenes; first += batchSize) {
+    const chunk = Array.from({ length: Math.min(batchSize, scenes - first) }, (_, i) => generateScene(sceneSeed("val", first + i)));
+    const rows = chunk.map((scene) => encodeSequence(tokenizer, { context: captionScene(scene, 1)[0]!, text: "" }, []).ids);
+    const written = chunk.map(() => [] as number[]);
+    const open = new Set(chunk.map((_, i) => i));
+    while (open.size) {
+      // The graph has one batch size and length: rows past the chunk repeat its first, and every
+      // row is right-padded, its next token read at its last position.
+      const feeds = idsFeeds(tokenizer, Array.from({ length: batchSize }, (_, i) => rows[i] ?? rows[0]!), length);
+      const out = await training.run(feeds);
+      const logits = out.logits!.data as Float32Array;
+      const vocab = out.logits!.dims[2]!;
+      for (const i of [...open]) {
+        const at = rows[i]!.length - 1;
+        const row = logits.slice((i * length + at) * vocab, (i * length + at + 1) * vocab);
+        if (!written[i]!.length) row[question] = -Infinity;
+        const next = argmaxOf(row);
+        rows[i]!.push(next);
+        written[i]!.push(next);
+        if (next === newline || rows[i]!.length >= length) open.delete(i);
+      }
+    }
+    chunk.forEach((scene, i) => {
+      if (captionMatchesScene(tokenizer.decode(written[i]!, { skipSpecialTokens: true }).trim(), scene)) right++;
+    });
+  }
+  return scenes ? right / scenes : NaN;
+}
+
+function argmaxOf(row: Float32Array): number {
+  let best = 0;
+  for (let v = 1; v < row.length; v++) if (row[v]! > row[best]!) best = v;
+  return best;
 }
 
 /**
