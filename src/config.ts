@@ -50,6 +50,10 @@ export interface OptConfig {
   activationFunction: string;
   enableBias: boolean;
   layerNormElementwiseAffine: boolean;
+  /** Dropout on each self-attention and feed-forward output before its residual, in training. */
+  dropout: number;
+  /** Dropout on the attention probabilities, in training. */
+  attentionDropout: number;
   padTokenId: number | null;
   bosTokenId: number | null;
   eosTokenId: number | number[] | null;
@@ -73,6 +77,8 @@ export interface T5Config {
   tieWordEmbeddings: boolean;
   /** Multiply the decoder output by d_model^-0.5 before the head. */
   scaleDecoderOutputs: boolean;
+  /** Dropout after the embeddings, on attention probabilities, in and after each sublayer and after the final norm, in training. */
+  dropoutRate: number;
   padTokenId: number | null;
   eosTokenId: number | number[] | null;
   decoderStartTokenId: number;
@@ -274,6 +280,8 @@ function parseOpt(f: Fields): OptConfig {
     activationFunction: f.string("activation_function", "relu"),
     enableBias: f.bool("enable_bias", true),
     layerNormElementwiseAffine: f.bool("layer_norm_elementwise_affine", true),
+    dropout: f.probability("dropout", 0.1),
+    attentionDropout: f.probability("attention_dropout", 0.0),
     padTokenId: f.optionalInt("pad_token_id", 1),
     bosTokenId: f.optionalInt("bos_token_id", 2),
     eosTokenId: f.ids("eos_token_id", 2),
@@ -311,6 +319,7 @@ function parseT5(f: Fields): T5Config {
     tieWordEmbeddings: tie,
     // Configs saved by transformers >= 5 carry the flag; older ones scale exactly when tied.
     scaleDecoderOutputs: f.bool("scale_decoder_outputs", tie),
+    dropoutRate: f.probability("dropout_rate", 0.1),
     padTokenId,
     eosTokenId: f.ids("eos_token_id", 1),
     decoderStartTokenId: f.int("decoder_start_token_id", padTokenId ?? 0),

@@ -5,10 +5,17 @@
  *
  * Three graphs: the encoder over `inputs_embeds`; the cross-attention keys/values of every decoder
  * layer, computed once per encoder output; and the decoder step with a self-attention cache.
+ *
+ * In training (a dropout context given), `dropout_rate` everywhere transformers' T5 applies it, in
+ * both stacks: after the embeddings, on the attention probabilities, after each attention and
+ * feed-forward sublayer (before its residual), inside the feed-forward (after the activation or the
+ * gate's product) and after the final norm.
  */
 import type { T5Config } from "../config.js";
+import { Blip2Error } from "../errors.js";
 import type { Graph, Value } from "../ir/graph.js";
 import * as op from "../ir/ops.js";
+import { dropout, type DropoutContext } from "./dropout.js";
 import { activation, attend, attendWithCache, causalBias, FLOAT32_MIN, linearLayer, linearWith, mergeHeads, paddingBias, Params, rmsNorm, splitHeads } from "./layers.js";
 import type { KeyValue } from "./opt.js";
 
@@ -42,19 +49,21 @@ export function t5EmbedTokens(p: Params, cfg: T5Config, inputIds: Value): Value 
 /**
  * @param p        parameters under `language_model.`
  * @param buckets  [S, S] int64 relative-position buckets (bidirectional), from `relativePositionBuckets`
+ * @param drop     training: dropout at `dropout_rate`, masks from this context; none without
  */
-export function t5Encoder(p: Params, cfg: T5Config, inputsEmbeds: Value, attentionMask: Value, buckets: Value): T5EncoderOutputs {
+export function t5Encoder(p: Params, cfg: T5Config, inputsEmbeds: Value, attentionMask: Value, buckets: Value, drop?: DropoutContext): T5EncoderOutputs {
   const enc = p.at("encoder");
   const bias = op.add(positionBias(enc.at("block.0.layer.0.SelfAttention"), cfg, buckets), paddingBias(attentionMask, FLOAT32_MIN));
-  let x = inputsEmbeds;
+  const residual = (x: Value, out: Value) => op.add(x, dropout(out, cfg.dropoutRate, drop));
+  let x = dropout(inputsEmbeds, cfg.dropoutRate, drop);
   const hiddenStates = [x];
   for (let i = 0; i < cfg.numLayers; i++) {
     const block = enc.at("block").at(i);
-    x = op.add(x, attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, bias).out);
-    x = op.add(x, feedForward(block.at("layer.1"), cfg, x));
+    x = residual(x, attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, bias, undefined, drop).out);
+    x = residual(x, feedForward(block.at("layer.1"), cfg, x, drop));
     hiddenStates.push(x);
   }
-  x = norm(enc.at("final_layer_norm"), cfg, x);
+  x = dropout(norm(enc.at("final_layer_norm"), cfg, x), cfg.dropoutRate, drop);
   hiddenStates[hiddenStates.length - 1] = x;
   return { lastHiddenState: x, hiddenStates };
 }
@@ -80,24 +89,27 @@ export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value)
  * @param past           per layer self-attention cache [B, H, L, Dkv] (see runtime/kvCache.ts), or null
  *                       for a whole sequence at once (training)
  * @param logitsAt       [n] int64: the new positions whose logits to compute
+ * @param drop           training (no cache): dropout at `dropout_rate`, masks from this context
  */
-export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[] | null, logitsAt: Value): T5DecoderOutputs {
+export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[] | null, logitsAt: Value, drop?: DropoutContext): T5DecoderOutputs {
+  if (drop && past) throw new Blip2Error("internal: T5 dropout is for training, which runs the decoder without a cache");
   const dec = p.at("decoder");
-  let x = t5EmbedTokens(p, cfg, decoderInputIds);
+  const residual = (x: Value, out: Value) => op.add(x, dropout(out, cfg.dropoutRate, drop));
+  let x = dropout(t5EmbedTokens(p, cfg, decoderInputIds), cfg.dropoutRate, drop);
   const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalBias(attentionMask, decoderInputIds));
   const crossBias = paddingBias(encoderMask, FLOAT32_MIN);
   const hiddenStates = [x];
   const present: KeyValue[] = [];
   for (let i = 0; i < cfg.numDecoderLayers; i++) {
     const block = dec.at("block").at(i);
-    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past?.[i]);
-    x = op.add(x, self.out);
+    const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past?.[i], drop);
+    x = residual(x, self.out);
     present.push(self.present!);
-    x = op.add(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias).out);
-    x = op.add(x, feedForward(block.at("layer.2"), cfg, x));
+    x = residual(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias, undefined, drop).out);
+    x = residual(x, feedForward(block.at("layer.2"), cfg, x, drop));
     hiddenStates.push(x);
   }
-  x = norm(dec.at("final_layer_norm"), cfg, x);
+  x = dropout(norm(dec.at("final_layer_norm"), cfg, x), cfg.dropoutRate, drop);
   hiddenStates[hiddenStates.length - 1] = x;
   x = op.gather(x, logitsAt, 1);
   if (cfg.scaleDecoderOutputs) x = op.mul(x, x.graph.scalar(cfg.dModel ** -0.5));
@@ -115,17 +127,18 @@ function norm(p: Params, cfg: T5Config, x: Value): Value {
  * new positions' keys/values, [B, H, S, Dkv], for the cache (runtime/kvCache.ts); cross-attention
  * has none.
  */
-function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue): { out: Value; present: KeyValue | null } {
+function attention(p: Params, cfg: T5Config, x: Value, cross: KeyValue | null, bias: Value, past?: KeyValue, drop?: DropoutContext): { out: Value; present: KeyValue | null } {
   const project = (name: string) => linearLayer(p.at(name), x, cfg.dModel, inner(cfg), false);
   const split = (v: Value) => splitHeads(v, cfg.numHeads);
   const output = (context: Value) => linearLayer(p.at("o"), context, inner(cfg), cfg.dModel, false);
+  const dropProbs = drop && ((probs: Value) => dropout(probs, cfg.dropoutRate, drop));
   if (cross) {
     const q = project("q");
-    return { out: output(ungroupRows(mergeHeads(attend(split(groupRows(q, cross.key)), cross.key, cross.value, null, bias)), q)), present: null };
+    return { out: output(ungroupRows(mergeHeads(attend(split(groupRows(q, cross.key)), cross.key, cross.value, null, bias, dropProbs)), q)), present: null };
   }
   const present = { key: split(project("k")), value: split(project("v")) };
   const q = split(project("q"));
-  const context = past ? attendWithCache(q, past, present, null, bias) : attend(q, present.key, present.value, null, bias);
+  const context = past ? attendWithCache(q, past, present, null, bias) : attend(q, present.key, present.value, null, bias, dropProbs);
   return { out: output(mergeHeads(context)), present };
 }
 
@@ -149,12 +162,12 @@ function ungroupRows(x: Value, like: Value): Value {
   return op.reshapeTo(x, op.shapeOf(like), like.shape);
 }
 
-function feedForward(p: Params, cfg: T5Config, x: Value): Value {
+function feedForward(p: Params, cfg: T5Config, x: Value, drop?: DropoutContext): Value {
   const h = norm(p.at("layer_norm"), cfg, x);
   const ff = p.at("DenseReluDense");
   const wi = (name: string) => linearLayer(ff.at(name), h, cfg.dModel, cfg.dFf, false);
   const hidden = cfg.isGatedAct ? op.mul(activation(wi("wi_0"), cfg.denseActFn), wi("wi_1")) : activation(wi("wi"), cfg.denseActFn);
-  return linearLayer(ff.at("wo"), hidden, cfg.dFf, cfg.dModel, false);
+  return linearLayer(ff.at("wo"), dropout(hidden, cfg.dropoutRate, drop), cfg.dFf, cfg.dModel, false);
 }
 
 /** [S, T] buckets -> [1, H, S, T] bias from the layer's `relative_attention_bias` table. */

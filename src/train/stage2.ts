@@ -4,7 +4,8 @@
  * its language-modelling loss: OPT's next-token loss on the caption (LAVIS `Blip2OPT`), or T5's
  * prefix language modelling (the prompt to the encoder, the caption as the decoder's labels,
  * LAVIS `Blip2T5`). The language model's weights are frozen: gradients only pass through it to the
- * visual prompts.
+ * visual prompts. Frozen is not eval mode, though: LAVIS sets `requires_grad = False` on the LM's
+ * weights but, unlike its image encoder, leaves it in train mode, so its dropout is on in training.
  */
 import * as ort from "onnxruntime-node";
 import type { Blip2Config, OptConfig, T5Config } from "../config.js";
@@ -61,9 +62,12 @@ export function visualPrompts(root: Params, cfg: Blip2Config, features: Value, d
 
 export interface Stage2GraphOptions {
   /**
-   * Dropout in the Q-Former at the config's rates, its masks drawn from an int64 scalar input
-   * `dropout_seed` (models/dropout.ts). The frozen image encoder and language model run without
-   * dropout, in eval mode, as LAVIS runs its frozen image encoder.
+   * Dropout in the Q-Former and the frozen language model at their configs' rates, all masks drawn
+   * from one int64 scalar input `dropout_seed` (models/dropout.ts). The frozen image encoder runs
+   * without dropout: LAVIS puts it in eval mode (`visual_encoder.train = disabled_train`). Its
+   * frozen LM it does not (lavis/models/blip2_models/blip2_opt.py, blip2_t5.py: only
+   * `requires_grad = False`, and the runner's `model.train()` reaches it), so OPT's `dropout` and
+   * `attention_dropout`, and T5's `dropout_rate`, apply as in transformers' training mode.
    */
   dropout?: boolean;
   /** Build the backward part (default true); without it the graph gives the loss only (evaluation). */
@@ -103,7 +107,8 @@ export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2
   const mask = g.input("attention_mask", "int64", [s.batch, q + s.length]);
   const targets = g.input("lm_targets", "int64", [s.batch, q + s.length - 1]);
   const weights = g.input("lm_weights", "float32", [s.batch, q + s.length - 1]);
-  const prompts = visualPrompts(root, cfg, features, dropoutFor(g, options));
+  const drop = dropoutFor(g, options);
+  const prompts = visualPrompts(root, cfg, features, drop);
   const lm = new Params(g, ckpt, "language_model.");
   const decoder = lm.at("model.decoder");
   const embeds = op.concat([prompts, optEmbedTokens(decoder, text, ids)], 1);
@@ -114,7 +119,7 @@ export function stage2OptGraph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2
     return { key: empty, value: empty };
   });
   const everyPosition = g.ints(Array.from({ length: total }, (_, i) => i));
-  const logits = optDecoder(decoder, lm, text, embeds, mask, noCache, everyPosition).logits;
+  const logits = optDecoder(decoder, lm, text, embeds, mask, noCache, everyPosition, drop).logits;
   return finish(g, lmLoss(logits, targets, weights), options);
 }
 
@@ -142,13 +147,14 @@ export function stage2T5Graph(ckpt: Checkpoint, s: Stage2Shape, options: Stage2G
   const decoderBuckets = g.input("decoder_buckets", "int64", [l, l]);
   const targets = g.input("lm_targets", "int64", [s.batch, l]);
   const weights = g.input("lm_weights", "float32", [s.batch, l]);
-  const prompts = visualPrompts(root, cfg, features, dropoutFor(g, options));
+  const drop = dropoutFor(g, options);
+  const prompts = visualPrompts(root, cfg, features, drop);
   const lm = new Params(g, ckpt, "language_model.");
   const embeds = op.concat([prompts, t5EmbedTokens(lm, text, ids)], 1);
-  const encoded = t5Encoder(lm, text, embeds, mask, encoderBuckets).lastHiddenState;
+  const encoded = t5Encoder(lm, text, embeds, mask, encoderBuckets, drop).lastHiddenState;
   const cross = t5CrossKeyValues(lm, text, encoded);
   const everyPosition = g.ints(Array.from({ length: l }, (_, i) => i));
-  const logits = t5Decoder(lm, text, decoderIds, decoderBuckets, decoderMask, mask, cross, null, everyPosition).logits;
+  const logits = t5Decoder(lm, text, decoderIds, decoderBuckets, decoderMask, mask, cross, null, everyPosition, drop).logits;
   const v = text.vocabSize;
   return finish(g, crossEntropy(op.reshape(logits, [s.batch * l, v]), op.reshape(targets, [-1]), op.reshape(weights, [-1])), options);
 }
