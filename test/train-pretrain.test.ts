@@ -12,7 +12,7 @@ import { readSafetensorsHeader, readTensorF32 } from "../src/io/safetensors.js";
 import { Blip2Tokenizer } from "../src/tokenizer/tokenizer.js";
 import { composeStage2 } from "../src/train/compose.js";
 import { writeFreshModels } from "../src/train/fresh.js";
-import { pretrainText } from "../src/train/language.js";
+import { encodeSequence, pretrainText, textOfScene } from "../src/train/language.js";
 import { Rng } from "../src/train/rng.js";
 import { placeLabels, pretrainVision } from "../src/train/vision.js";
 import { learnMerges } from "../src/train/worldTokenizers.js";
@@ -155,4 +155,36 @@ describe("text pretraining", () => {
     expect(composed.config.text).toMatchObject({ modelType: "opt", hiddenSize: 32 });
     expect(Array.from(readTensorF32(composed.tensor("language_model.model.decoder.layers.0.fc1.weight")))).toEqual(Array.from(readTensorF32(after.get("model.decoder.layers.0.fc1.weight")!)));
   }, 120_000);
+
+  it("with context: a description before BOS in three quarters of the mix, never a target, nor a question's prompt", async () => {
+    const tokenizer = await Blip2Tokenizer.fromDirectory(at("opt"));
+    const rng = new Rng(3);
+    const kinds = { captionAfter: 0, questionAfter: 0, plain: 0, questionInside: 0 };
+    const n = 800;
+    for (let i = 0; i < n; i++) {
+      const seq = textOfScene("train", i, rng, true);
+      const { ids, targets } = encodeSequence(tokenizer, seq, []);
+      const context = seq.context === undefined ? [] : tokenizer.encode(seq.context, { addSpecialTokens: false });
+      // The context's ids come first, then BOS and the text; none of the context is a target.
+      expect(ids.slice(0, context.length)).toEqual(context);
+      expect(ids[context.length]).toBe(tokenizer.bosTokenId);
+      expect(targets.slice(0, context.length).every((t) => !t)).toBe(true);
+      const targetText = tokenizer.decode(ids.filter((_, j) => targets[j]), { skipSpecialTokens: true });
+      if (seq.type) {
+        // A question: the answer and the newline are targets, the prompt "Question: … Answer:" is not.
+        expect(targetText.endsWith(`${seq.text.slice(seq.answerAt!)}`)).toBe(true);
+        expect(targetText).not.toMatch(/Question|Answer/);
+        if (seq.context !== undefined) kinds.questionAfter++;
+        else kinds.questionInside++;
+      } else {
+        expect(targetText).toBe(seq.text);
+        if (seq.context !== undefined) kinds.captionAfter++;
+        else kinds.plain++;
+      }
+    }
+    expect(kinds.captionAfter / n).toBeCloseTo(1 / 4, 1);
+    expect(kinds.questionAfter / n).toBeCloseTo(1 / 2, 1);
+    expect(kinds.plain / n).toBeCloseTo(1 / 8, 1);
+    expect(kinds.questionInside / n).toBeCloseTo(1 / 8, 1);
+  });
 });

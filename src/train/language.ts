@@ -97,7 +97,7 @@ const TOKENIZER_FILE = /^(special_tokens_map\.json|added_tokens\.json|merges\.tx
  * A sequence of the mix: its text, the context before its BOS (not a target), and, for a question,
  * where the answer starts (in characters of `text`).
  */
-interface Sequence {
+export interface Sequence {
   text: string;
   context?: string;
   answerAt?: number;
@@ -164,7 +164,7 @@ function textPretrainGraph(ckpt: Checkpoint, cfg: OptConfig, batch: number, leng
  * context, but for a question's prompt. The model is taught to answer, not to guess which question
  * comes (most of a question's loss would be that guess, which says nothing about the scene).
  */
-function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence, noise: number[]): { ids: number[]; targets: boolean[] } {
+export function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence, noise: number[]): { ids: number[]; targets: boolean[] } {
   // Random tokens before BOS (not targets) where a sequence has no context: stage 2 puts the visual prompts there.
   const before = seq.context === undefined ? noise : tokenizer.encode(seq.context, { addSpecialTokens: false });
   const ids = [...before, ...tokenizer.encode(seq.text)];
