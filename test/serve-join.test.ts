@@ -70,6 +70,31 @@ function scripted(maxBatch: number, onStep?: (n: number) => void, options: { fai
 
 const never = new AbortController().signal;
 
+
+/** `batching` whose batches call `hook` after each of their steps (with the batch), to act at known steps whatever the speed. */
+function afterEachStep(batching: Batching<GenItem, GenResult>, hook: (batch: RunningBatch<GenItem, GenResult>) => Promise<void>): Batching<GenItem, GenResult> {
+  return {
+    arrive: batching.arrive,
+    open: (key) => {
+      const inner = batching.open(key);
+      return {
+        get size() {
+          return inner.size;
+        },
+        get open() {
+          return inner.open;
+        },
+        join: (item, signal) => inner.join(item, signal),
+        step: async () => {
+          await inner.step();
+          await hook(inner);
+        },
+        close: () => inner.close(),
+      };
+    },
+  };
+}
+
 describe("the scheduler's running batch", () => {
   it("a job that arrives while a batch runs joins it at its next step, and is answered when its row ends", async () => {
     const submit = (item: string) => s.scheduler.submit({ key: "k", signal: never, item });
@@ -176,34 +201,19 @@ describe("requests joining the running batch on the tiny OPT", () => {
     ];
     let cSubmitted = false;
     // Steps are counted through the batch, so that joins come at known steps whatever the speed.
-    const counted: Batching<GenItem, GenResult> = {
-      arrive: batching.arrive,
-      open: (key) => {
-        const inner = batching.open(key);
-        return {
-          get size() {
-            return inner.size;
-          },
-          open: inner.open,
-          join: (item, signal) => inner.join(item, signal),
-          step: async () => {
-            await inner.step();
-            // Each joins once its image is encoded (queued, it is encoded as it comes): waited for
-            // here so that it joins at the next step.
-            if (++steps === 3) {
-              later.push(submit("b", items[1]!));
-              await items[1]!.prepared;
-            }
-            if (order.includes("b") && !cSubmitted) {
-              cSubmitted = true;
-              later.push(submit("c", items[2]!));
-              await items[2]!.prepared;
-            }
-          },
-          close: () => inner.close(),
-        };
-      },
-    };
+    const counted = afterEachStep(batching, async () => {
+      // Each joins once its image is encoded (queued, it is encoded as it comes): waited for
+      // here so that it joins at the next step.
+      if (++steps === 3) {
+        later.push(submit("b", items[1]!));
+        await items[1]!.prepared;
+      }
+      if (order.includes("b") && !cSubmitted) {
+        cSubmitted = true;
+        later.push(submit("c", items[2]!));
+        await items[2]!.prepared;
+      }
+    });
     const scheduler = new Scheduler(counted, { maxQueue: 10, maxBatch: 4 }, { onBatch: (n) => sizes.push(n) });
     const a = await submit("a", items[0]!);
     const [b, c] = await Promise.all(later);
@@ -220,27 +230,12 @@ describe("requests joining the running batch on the tiny OPT", () => {
     const leaving = new AbortController();
     let steps = 0;
     let sizeAfterAbort = -1;
-    const counted: Batching<GenItem, GenResult> = {
-      arrive: batching.arrive,
-      open: (key) => {
-        const inner = batching.open(key);
-        return {
-          get size() {
-            return inner.size;
-          },
-          open: inner.open,
-          join: (item, signal) => inner.join(item, signal),
-          step: async () => {
-            await inner.step();
-            if (++steps === 3) {
-              leaving.abort("client left");
-              sizeAfterAbort = inner.size;
-            }
-          },
-          close: () => inner.close(),
-        };
-      },
-    };
+    const counted = afterEachStep(batching, async (inner) => {
+      if (++steps === 3) {
+        leaving.abort("client left");
+        sizeAfterAbort = inner.size;
+      }
+    });
     const compose = vi.spyOn(CacheHandle, "compose");
     try {
       const scheduler = new Scheduler(counted, { maxQueue: 10, maxBatch: 4 });
