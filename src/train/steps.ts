@@ -89,9 +89,10 @@ async function runTraining(graph: Graph, session: CompiledGraph, feeds: Record<s
 }
 
 /**
- * Options of a step. `dropoutSeed`: run with dropout in the Q-Former, its masks a function of this
- * seed alone (an integer in [0, 2^32), e.g. `rng.nextUint32()` from the trainer's generator), so a
- * resumed run repeats them; without it, no dropout.
+ * Options of a step. `dropoutSeed`: run with dropout in the Q-Former (and, in stage 2, in the frozen
+ * language model, as LAVIS leaves it in train mode), its masks a function of this seed alone (an
+ * integer in [0, 2^32), e.g. `rng.nextUint32()` from the trainer's generator), so a resumed run
+ * repeats them; without it, no dropout.
  */
 export interface StepOptions {
   dropoutSeed?: number;
