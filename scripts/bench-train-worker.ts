@@ -18,7 +18,7 @@ import { readTensorF32 } from "../src/io/safetensors.js";
 import type { Graph } from "../src/ir/graph.js";
 import { serializeGraph } from "../src/ir/onnx.js";
 import { withDTypes } from "../src/quantize/quantize.js";
-import { CompiledGraph, disabledOptimizers, prepacks, type RuntimeOptions } from "../src/runtime/session.js";
+import { commonFolder, CompiledGraph, disabledOptimizers, prepacks, type RuntimeOptions } from "../src/runtime/session.js";
 import { AdamW } from "../src/train/optimizer.js";
 import { Rng } from "../src/train/rng.js";
 import { stage1Trained } from "../src/train/stage1.js";
@@ -207,10 +207,3 @@ async function profileGraph(graph: Graph, feeds: Record<string, ort.Tensor>, out
   return { wallS: wall, modelRunS: lastRun.dur / 1e6, kernelS, nodes: graph.nodes.length, byOp };
 }
 
-/** The deepest folder that holds every one of `files`. */
-function commonFolder(files: string[]): string {
-  const split = files.map((f) => path.dirname(f).split(path.sep));
-  let depth = 0;
-  while (split.every((parts) => depth < parts.length && parts[depth] === split[0]![depth])) depth++;
-  return split[0]!.slice(0, depth).join(path.sep) || path.sep;
-}

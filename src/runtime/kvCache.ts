@@ -252,9 +252,9 @@ export class KvCache {
 
 const SCRATCH = -1;
 
-/** Row `row` of `cache`, as a row of a composed cache: its slots `shift` later (see KvCache.composed). */
-export interface RowPlacement {
-  cache: KvCache;
+/** Row `row` of `cache` (the cache, or its id where caches are named by id), as a row of a composed cache: its slots `shift` later (see KvCache.composed). */
+export interface RowPlacement<C = KvCache> {
+  cache: C;
   row: number;
   shift: number;
 }

@@ -14,7 +14,7 @@ import { Graph, type Target } from "../ir/graph.js";
 import { serializeGraph } from "../ir/onnx.js";
 import { startWorker } from "../thread.js";
 import { warnOnce } from "../warn.js";
-import { fedSlots, rowView, type CacheShape } from "./kvCache.js";
+import { fedSlots, rowView, type CacheShape, type RowPlacement } from "./kvCache.js";
 import { createPacked, PackedModel, type PackingProgress } from "./packedModels.js";
 import { probeFeeds } from "./probe.js";
 import { fromWire, joinRows, SessionHost, toWire, type CacheStep, type WireTensor } from "./sessionHost.js";
@@ -66,7 +66,7 @@ interface Host {
   newCache(id: number, shape: CacheShape): Promise<void>;
   resizeCache(id: number, capacity: number, keep: number): Promise<void>;
   reorderCache(id: number, index: number[], shared: number): Promise<void>;
-  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number): Promise<void>;
+  composeCache(id: number, rows: RowPlacement<number>[], capacity: number, length: number): Promise<void>;
   dropCache(id: number): Promise<void>;
 }
 
@@ -93,7 +93,7 @@ class LocalHost implements Host {
   async reorderCache(id: number, index: number[], shared: number) {
     this.host.reorderCache(id, index, shared);
   }
-  async composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number) {
+  async composeCache(id: number, rows: RowPlacement<number>[], capacity: number, length: number) {
     this.host.composeCache(id, rows, capacity, length);
   }
   async dropCache(id: number) {
@@ -165,7 +165,7 @@ class WorkerHost implements Host {
   reorderCache(id: number, index: number[], shared: number) {
     return this.call<void>({ op: "reorderCache", id, index, shared });
   }
-  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number) {
+  composeCache(id: number, rows: RowPlacement<number>[], capacity: number, length: number) {
     return this.call<void>({ op: "composeCache", id, rows, capacity, length });
   }
   dropCache(id: number) {
@@ -355,7 +355,7 @@ export class CacheHandle {
    * moved by its `shift` (see KvCache.composed): continuous batching's rows joining and leaving.
    * The caches it is made of stay as they are, for the caller to drop.
    */
-  static async compose(rows: { cache: CacheHandle; row: number; shift: number }[], capacity: number, length: number): Promise<CacheHandle> {
+  static async compose(rows: RowPlacement<CacheHandle>[], capacity: number, length: number): Promise<CacheHandle> {
     const host = rows[0]?.cache.host;
     if (!host || rows.some((r) => r.cache.host !== host)) throw new Blip2Error("internal: a cache is composed of rows of caches of one host");
     const id = ++nextId;
@@ -402,7 +402,7 @@ function realPath(file: string): string {
 }
 
 /** The deepest folder containing every file (ONNX Runtime's allowed external-data folder). */
-function commonFolder(files: string[]): string {
+export function commonFolder(files: string[]): string {
   if (files.length === 0) return process.cwd();
   let folder = path.dirname(files[0]!);
   while (!files.every((f) => f.startsWith(folder.endsWith(path.sep) ? folder : folder + path.sep))) {

@@ -6,7 +6,7 @@
  */
 import * as ort from "onnxruntime-node";
 import { Blip2Error, describeError } from "../errors.js";
-import { CacheMemory, KvCache, rowView, type CacheShape } from "./kvCache.js";
+import { CacheMemory, KvCache, rowView, type CacheShape, type RowPlacement } from "./kvCache.js";
 
 /** A decoding step: the cache to attend to and extend, and the new positions' attention mask. */
 export interface CacheStep {
@@ -74,7 +74,7 @@ export class SessionHost {
   }
 
   /** A new cache `id` made of rows of others (see KvCache.composed); they stay as they are. */
-  composeCache(id: number, rows: { cache: number; row: number; shift: number }[], capacity: number, length: number): void {
+  composeCache(id: number, rows: RowPlacement<number>[], capacity: number, length: number): void {
     const placed = rows.map((r) => ({ cache: this.cache(r.cache), row: r.row, shift: r.shift }));
     this.caches.set(id, KvCache.composed(placed, capacity, length, this.cacheMemory.allocate));
   }
