@@ -163,7 +163,7 @@ describe("text pretraining", () => {
     const n = 800;
     for (let i = 0; i < n; i++) {
       const seq = textOfScene("train", i, rng, true);
-      const { ids, targets } = encodeSequence(tokenizer, seq, []);
+      const { ids, targets } = encodeSequence(tokenizer, seq);
       const context = seq.context === undefined ? [] : tokenizer.encode(seq.context, { addSpecialTokens: false });
       // The context's ids come first, then BOS and the text; none of the context is a target.
       expect(ids.slice(0, context.length)).toEqual(context);

@@ -62,13 +62,8 @@ export interface PretrainTextOptions {
   /** Index in the train split of the first scene (default 0). */
   firstScene?: number;
   /**
-   * Up to this many random tokens before BOS in each training sequence (not targets), so the model
-   * learns to read text that does not start at position 0: stage 2 puts its visual prompts there.
-   */
-  prefixTokens?: number;
-  /**
-   * Put a description of the scene before BOS in two thirds of the sequences, followed by a caption
-   * or a question and its answer (see textOfScene); the val answers are then asked that way too.
+   * Put a description of the scene before BOS in three quarters of the sequences, followed by a
+   * caption or a question and its answer (see the header); the val answers are then asked that way too.
    */
   context?: boolean;
   runtime?: RuntimeOptions;
@@ -164,9 +159,8 @@ function textPretrainGraph(ckpt: Checkpoint, cfg: OptConfig, batch: number, leng
  * context, but for a question's prompt. The model is taught to answer, not to guess which question
  * comes (most of a question's loss would be that guess, which says nothing about the scene).
  */
-export function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence, noise: number[]): { ids: number[]; targets: boolean[] } {
-  // Random tokens before BOS (not targets) where a sequence has no context: stage 2 puts the visual prompts there.
-  const before = seq.context === undefined ? noise : tokenizer.encode(seq.context, { addSpecialTokens: false });
+export function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence): { ids: number[]; targets: boolean[] } {
+  const before = seq.context === undefined ? [] : tokenizer.encode(seq.context, { addSpecialTokens: false });
   const ids = [...before, ...tokenizer.encode(seq.text)];
   // Token boundaries of the question's prompt: the BPE of a prefix of the text is a prefix of the text's.
   const [from, to] = seq.questionAt === undefined ? [0, 0] : [seq.questionAt, seq.answerAt!].map((c) => before.length + tokenizer.encode(seq.text.slice(0, c)).length);
@@ -174,9 +168,8 @@ export function encodeSequence(tokenizer: Blip2Tokenizer, seq: Sequence, noise: 
 }
 
 /** Token ids of a batch of sequences, right-padded to `length`, with their shifted targets. */
-function textBatch(tokenizer: Blip2Tokenizer, sequences: Sequence[], length: number, prefix?: { rng: Rng; most: number }): Record<string, ort.Tensor> {
-  const noise = (): number[] => (prefix ? Array.from({ length: prefix.rng.int(prefix.most + 1) }, () => 4 + prefix.rng.int(tokenizer.vocabSize - 4)) : []);
-  const rows = sequences.map((seq) => encodeSequence(tokenizer, seq, noise()));
+function textBatch(tokenizer: Blip2Tokenizer, sequences: Sequence[], length: number): Record<string, ort.Tensor> {
+  const rows = sequences.map((seq) => encodeSequence(tokenizer, seq));
   const long = rows.find((r) => r.ids.length > length);
   if (long) throw new Blip2Error(`text pretraining: a sequence has ${long.ids.length} tokens, more than the length ${length}; give a larger length`);
   return idsFeeds(tokenizer, rows.map((r) => r.ids), length, rows.map((r) => r.targets));
@@ -222,7 +215,7 @@ export async function pretrainText(options: PretrainTextOptions): Promise<Pretra
     for (let step = 0; step < o.steps; step++) {
       const first = o.firstScene + step * o.batchSize;
       const sequences = Array.from({ length: o.batchSize }, (_, i) => textOfScene("train", first + i, rng, o.context));
-      const r = await training.step(textBatch(tokenizer, sequences, o.length, o.prefixTokens ? { rng, most: o.prefixTokens } : undefined));
+      const r = await training.step(textBatch(tokenizer, sequences, o.length));
       lastLoss = r.loss;
       o.onStep?.({ step: step + 1, totalSteps: o.steps, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, elapsed: (Date.now() - started) / 1000 });
     }
@@ -258,7 +251,7 @@ async function evaluate(training: GraphTraining, tokenizer: Blip2Tokenizer, batc
     const logits = out.logits!.data as Float32Array;
     const vocab = out.logits!.dims[2]!;
     chunk.forEach((s, b) => {
-      const { ids, targets } = encodeSequence(tokenizer, s, []);
+      const { ids, targets } = encodeSequence(tokenizer, s);
       const answerAt = targets.indexOf(true, targets.lastIndexOf(false));
       let ok = true;
       // The answer's tokens, up to the closing "\n": each the argmax at the position before it.
@@ -291,7 +284,7 @@ async function captionsFromContext(training: GraphTraining, tokenizer: Blip2Toke
   let right = 0;
   for (let first = 0; first < scenes; first += batchSize) {
     const chunk = Array.from({ length: Math.min(batchSize, scenes - first) }, (_, i) => generateScene(sceneSeed("val", first + i)));
-    const rows = chunk.map((scene) => encodeSequence(tokenizer, { context: captionScene(scene, 1)[0]!, text: "" }, []).ids);
+    const rows = chunk.map((scene) => encodeSequence(tokenizer, { context: captionScene(scene, 1)[0]!, text: "" }).ids);
     const written = chunk.map(() => [] as number[]);
     const open = new Set(chunk.map((_, i) => i));
     while (open.size) {
