@@ -54,13 +54,12 @@ export function t5EmbedTokens(p: Params, cfg: T5Config, inputIds: Value): Value 
 export function t5Encoder(p: Params, cfg: T5Config, inputsEmbeds: Value, attentionMask: Value, buckets: Value, drop?: DropoutContext): T5EncoderOutputs {
   const enc = p.at("encoder");
   const bias = op.add(positionBias(enc.at("block.0.layer.0.SelfAttention"), cfg, buckets), paddingBias(attentionMask, FLOAT32_MIN));
-  const residual = (x: Value, out: Value) => op.add(x, dropout(out, cfg.dropoutRate, drop));
   let x = dropout(inputsEmbeds, cfg.dropoutRate, drop);
   const hiddenStates = [x];
   for (let i = 0; i < cfg.numLayers; i++) {
     const block = enc.at("block").at(i);
-    x = residual(x, attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, bias, undefined, drop).out);
-    x = residual(x, feedForward(block.at("layer.1"), cfg, x, drop));
+    x = residual(cfg, drop, x, attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, bias, undefined, drop).out);
+    x = residual(cfg, drop, x, feedForward(block.at("layer.1"), cfg, x, drop));
     hiddenStates.push(x);
   }
   x = dropout(norm(enc.at("final_layer_norm"), cfg, x), cfg.dropoutRate, drop);
@@ -94,7 +93,6 @@ export function t5CrossKeyValues(p: Params, cfg: T5Config, encoderHidden: Value)
 export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buckets: Value, attentionMask: Value, encoderMask: Value, cross: KeyValue[], past: KeyValue[] | null, logitsAt: Value, drop?: DropoutContext): T5DecoderOutputs {
   if (drop && past) throw new Blip2Error("internal: T5 dropout is for training, which runs the decoder without a cache");
   const dec = p.at("decoder");
-  const residual = (x: Value, out: Value) => op.add(x, dropout(out, cfg.dropoutRate, drop));
   let x = dropout(t5EmbedTokens(p, cfg, decoderInputIds), cfg.dropoutRate, drop);
   const selfBias = op.add(positionBias(dec.at("block.0.layer.0.SelfAttention"), cfg, buckets), causalBias(attentionMask, decoderInputIds));
   const crossBias = paddingBias(encoderMask, FLOAT32_MIN);
@@ -103,10 +101,10 @@ export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buck
   for (let i = 0; i < cfg.numDecoderLayers; i++) {
     const block = dec.at("block").at(i);
     const self = attention(block.at("layer.0.SelfAttention"), cfg, norm(block.at("layer.0.layer_norm"), cfg, x), null, selfBias, past?.[i], drop);
-    x = residual(x, self.out);
+    x = residual(cfg, drop, x, self.out);
     present.push(self.present!);
-    x = residual(x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias, undefined, drop).out);
-    x = residual(x, feedForward(block.at("layer.2"), cfg, x, drop));
+    x = residual(cfg, drop, x, attention(block.at("layer.1.EncDecAttention"), cfg, norm(block.at("layer.1.layer_norm"), cfg, x), cross[i]!, crossBias, undefined, drop).out);
+    x = residual(cfg, drop, x, feedForward(block.at("layer.2"), cfg, x, drop));
     hiddenStates.push(x);
   }
   x = dropout(norm(dec.at("final_layer_norm"), cfg, x), cfg.dropoutRate, drop);
@@ -115,6 +113,11 @@ export function t5Decoder(p: Params, cfg: T5Config, decoderInputIds: Value, buck
   if (cfg.scaleDecoderOutputs) x = op.mul(x, x.graph.scalar(cfg.dModel ** -0.5));
   const head = cfg.tieWordEmbeddings ? "shared.weight" : "lm_head.weight";
   return { logits: linearWith(p, head, x, cfg.dModel, cfg.vocabSize, null), present, hiddenStates };
+}
+
+/** A sublayer's output added to its input, after dropout in training. */
+function residual(cfg: T5Config, drop: DropoutContext | undefined, x: Value, out: Value): Value {
+  return op.add(x, dropout(out, cfg.dropoutRate, drop));
 }
 
 function norm(p: Params, cfg: T5Config, x: Value): Value {
