@@ -156,18 +156,11 @@ export class Scheduler<I, R> {
   private async runSolo(entry: Entry): Promise<void> {
     this.take(entry);
     this.events.onBatch?.(1);
-    // Answered at once when its signal aborts; its run is given that signal to stop at its next step.
-    const leave = () => entry.fail(entry.signal.reason);
-    entry.signal.addEventListener("abort", leave, { once: true });
-    const started = performance.now();
-    try {
-      if (!entry.signal.aborted) entry.settle(await entry.run!(entry.signal));
-    } catch (err) {
-      entry.fail(err);
-    } finally {
-      entry.signal.removeEventListener("abort", leave);
-    }
-    this.timed(started);
+    // Its run is given its signal, to stop at its next step.
+    await this.answer(entry, async () => {
+      entry.signal.throwIfAborted();
+      return entry.run!(entry.signal);
+    });
   }
 
   /** A batch of `key`'s jobs, joined by more between its steps while it is open and its key heads the queue. */
@@ -198,18 +191,8 @@ export class Scheduler<I, R> {
       }
       this.take(entry);
       members.add(entry);
-      // Answered at once when its signal aborts (the batch drops its row at its next step).
-      const leave = () => entry.fail(entry.signal.reason);
-      entry.signal.addEventListener("abort", leave, { once: true });
-      const started = performance.now();
-      batch.join(entry.item as I, entry.signal).then(
-        (r) => entry.settle(r),
-        (err) => entry.fail(err),
-      ).finally(() => {
-        entry.signal.removeEventListener("abort", leave);
-        members.delete(entry);
-        this.timed(started);
-      });
+      // The batch drops its row at its next step once its signal aborts.
+      void this.answer(entry, () => batch.join(entry.item as I, entry.signal)).finally(() => members.delete(entry));
       this.events.onBatch?.(batch.size);
     }
   }
@@ -221,8 +204,22 @@ export class Scheduler<I, R> {
     this.events.onQueue?.(this.queue.length);
   }
 
-  private timed(started: number): void {
-    this.meanJobSeconds = 0.8 * this.meanJobSeconds + 0.2 * ((performance.now() - started) / 1000);
+  /**
+   * Settles a started `entry` with what `work` gives, or fails it; answered at once when its
+   * signal aborts meanwhile. Its time goes into the mean that Retry-After is made of.
+   */
+  private async answer(entry: Entry, work: () => Promise<unknown>): Promise<void> {
+    const leave = () => entry.fail(entry.signal.reason);
+    entry.signal.addEventListener("abort", leave, { once: true });
+    const started = performance.now();
+    try {
+      entry.settle(await work());
+    } catch (err) {
+      entry.fail(err);
+    } finally {
+      entry.signal.removeEventListener("abort", leave);
+      this.meanJobSeconds = 0.8 * this.meanJobSeconds + 0.2 * ((performance.now() - started) / 1000);
+    }
   }
 }
 
