@@ -9,7 +9,7 @@
  *
  * Each new m, v and p is stored in float32, its expression computed in double: our values track
  * PyTorch's float32 ones to an ulp or two (not bit for bit; its vectorised kernels round each
- * operation, and may fuse multiply-adds), at a fifth of the time rounding every intermediate took.
+ * operation, and may fuse multiply-adds), and far faster than rounding every intermediate was.
  * Like PyTorch, each tensor keeps its own step count and a tensor without a gradient in a step is
  * left alone (not decayed, its moments and count unchanged).
  *
